@@ -1,0 +1,89 @@
+"""Loading of the compiled extension ``cctk._C``.
+
+Importing this module never compiles anything and never initialises CUDA. If the extension is
+missing, was built for another torch, or fails to load, a single warning is issued and every op
+falls back to its PyTorch reference path (``available()`` is then False).
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+
+_STATE = {"loaded": None, "error": None, "module": None}
+
+REINSTALL_HINT = ("reinstall cctk from source against the installed torch: "
+                  "`pip install --no-build-isolation -e .` (see README)")
+
+
+def _load():
+    if _STATE["loaded"] is not None:
+        return _STATE["loaded"]
+    # Schemas live in Python; define them before the C++ kernels register against them.
+    from cctk.ops import _library  # noqa: F401
+    try:
+        from cctk import _build_info
+        built_for = getattr(_build_info, "TORCH_VERSION", None)
+        with_ext = getattr(_build_info, "WITH_EXT", False)
+    except ImportError:
+        built_for, with_ext = None, False
+    mod = None
+    err = None
+    try:
+        mod = importlib.import_module("cctk._C")
+    except ImportError as e:  # missing .so or symbol mismatch
+        err = f"cctk._C could not be loaded ({e})"
+    if mod is not None:
+        ext_torch = getattr(mod, "TORCH_VERSION", built_for)
+        if ext_torch is not None and ext_torch.split("+")[0] != torch.__version__.split("+")[0]:
+            err = (f"cctk._C was built for torch {ext_torch} but torch {torch.__version__} is installed")
+            mod = None
+    if mod is None:
+        _STATE.update(loaded=False, error=err)
+        if with_ext or err and "built for" in err:
+            warnings.warn(f"cctk: compiled extension unavailable: {err}; using the slower PyTorch "
+                          f"reference paths. To fix, {REINSTALL_HINT}.", RuntimeWarning, stacklevel=3)
+        return False
+    _STATE.update(loaded=True, module=mod)
+    return True
+
+
+def available() -> bool:
+    """True when the compiled extension is loaded."""
+    return _load()
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension was compiled with its CUDA kernels."""
+    return _load() and bool(getattr(_STATE["module"], "WITH_CUDA", False))
+
+
+def supports(device: torch.device | str) -> bool:
+    """True when the extension has kernels for tensors on ``device``."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return available()
+    if dev.type == "cuda":
+        return has_cuda_kernels()
+    return False
+
+
+def cpu_capabilities() -> str:
+    """The vector instruction set the CPU kernels chose at run time ('avx512', 'avx2', 'scalar')."""
+    if not available():
+        return "none"
+    return torch.ops.cctk.cpu_capability()
+
+
+def info() -> dict:
+    """What was built and what is in use: for bug reports and benchmark records."""
+    ok = available()
+    mod = _STATE["module"]
+    return {
+        "extension": ok,
+        "error": _STATE["error"],
+        "built_for_torch": getattr(mod, "TORCH_VERSION", None) if ok else None,
+        "cuda_kernels": bool(getattr(mod, "WITH_CUDA", False)) if ok else False,
+        "cpu_capability": cpu_capabilities() if ok else "none",
+    }
