@@ -1,0 +1,363 @@
+"""cctk.prune: ANDC scores, permutations (each alone function preserving), block masks, the
+magnitude baseline, conversion to ANDCLinear, pruned checkpoints and `cctk prune`."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cctk.prune as P
+from cctk.models import create_model
+from cctk.prune.andc import RecognizedSets
+
+K = 10
+
+
+def tiny_model(seed=0, **kw):
+    """A small CCT (d=64, 2 heads of 32, d_ff=128, 2 blocks) whose every parameter is redrawn
+    at O(1) scale, so the outputs are far from zero and any mis-permutation shows."""
+    torch.manual_seed(seed)
+    cfg = dict(embedding_dim=64, num_heads=2, mlp_ratio=2.0)
+    cfg.update(kw)
+    m = create_model("cct_2_3x1_8", num_classes=K, **cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "positional_emb" in name:
+                p.normal_(0, 0.5)
+            elif p.dim() == 1:
+                p.normal_(1.0 if name.endswith("norm.weight") or "norm1.weight" in name else 0.0, 0.3)
+            else:
+                p.normal_(0, 1.0 / p.shape[-1] ** 0.5 if p.dim() == 2 else 0.3)
+    return m
+
+
+def images(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g)
+
+
+def random_sets(model, seed=0, p_noise=0.1):
+    """Label sets with structure: every node has a dominant label plus noise; a few empty nodes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rs(n):
+        s = torch.zeros(n, K, dtype=torch.bool)
+        s[torch.arange(n), torch.randint(0, K, (n,), generator=g)] = True
+        s |= torch.rand(n, K, generator=g) < p_noise
+        s[torch.rand(n, generator=g) < 0.05] = False
+        return s
+
+    d, H, dff = model.embed_dim, model.num_heads, model.ff_dim
+    sets = {"final_recognized": rs(d)}
+    for b in range(model.num_blocks):
+        sets[f"b{b}_mha_recognized"] = rs(d)
+        sets[f"b{b}_ff_recognized"] = rs(dff)
+        sets[f"b{b}_stream_mha_recognized"] = rs(d)
+        sets[f"b{b}_stream_ff_recognized"] = rs(d)
+        sets[f"b{b}_heads_recognized"] = torch.rand(H, K, generator=g) < 0.5
+    return sets
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# scores and masks
+
+
+def test_overlap_scores_hand_made():
+    D_out = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    D_in = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    s = P.overlap_scores(D_out, D_in)
+    expected = torch.tensor([[1, 1, 2], [0, 0, 0], [1, 2, 3]])
+    assert torch.equal(s, expected)
+    keep = P.connection_keep(s, 1)
+    assert torch.equal(keep, expected >= 1)
+    assert not keep[1].any()  # an empty-label node loses every connection
+    assert torch.equal(P.connection_keep(s, 2), expected >= 2)
+    with pytest.raises(ValueError, match="min_overlap"):
+        P.connection_keep(s, 0)
+    with pytest.raises(ValueError, match="same number of labels"):
+        P.overlap_scores(D_out, D_in[:, :3])
+
+
+def test_classifier_keep_is_transposed_final_sets():
+    final = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)  # (d=4, K=3)
+    m = P.classifier_keep(final)
+    assert m.shape == (3, 4)
+    assert m[0].tolist() == [True, False, False, True]   # label 0 from nodes 0 and 3
+    assert m[2].tolist() == [False, True, False, True]
+    assert not m[:, 2].any()                              # node 2 recognises nothing
+
+
+def test_block_reduce_and_expand_partial_edges():
+    x = torch.arange(5 * 7, dtype=torch.float64).view(5, 7)
+    r = P.block_reduce(x, 4)
+    assert r.shape == (2, 2)
+    assert r[0, 0] == x[:4, :4].sum() and r[1, 1] == x[4:, 4:].sum()
+    bm = torch.tensor([[True, False], [False, True]])
+    full = P.expand_block_mask(bm, 4, (5, 7))
+    assert full.shape == (5, 7) and full[:4, :4].all() and not full[:4, 4:].any() and full[4:, 4:].all()
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.25, 0.125])
+def test_andc_block_mask_hits_target_density(density):
+    g = torch.Generator().manual_seed(0)
+    D_out = torch.rand(96, K, generator=g) < 0.2
+    D_in = torch.rand(64, K, generator=g) < 0.2
+    s = P.overlap_scores(D_out, D_in)
+    keep = P.connection_keep(s)
+    bm = P.andc_block_mask(s, keep, 16, density=density)
+    assert bm.shape == (6, 4)
+    assert int(bm.sum()) == round(density * 24)
+    # the kept blocks are those of highest summed kept score
+    bs = P.block_reduce(s.double() * keep, 16)
+    assert bs[bm].min() >= bs[~bm].max() if (~bm).any() else True
+
+
+def test_andc_block_mask_tau_threshold():
+    s = torch.zeros(32, 32, dtype=torch.int64)
+    s[:16, :16] = 2              # block (0,0) fully kept
+    s[16:, :4] = 1               # block (1,0): 4/16 columns kept -> fraction 0.25
+    keep = P.connection_keep(s)
+    bm = P.andc_block_mask(s, keep, 16, tau=0.5)
+    assert bm.tolist() == [[True, False], [False, False]]
+    bm = P.andc_block_mask(s, keep, 16, tau=0.25)
+    assert bm.tolist() == [[True, False], [True, False]]
+    bm = P.andc_block_mask(s, keep, 16, tau=0.0)  # tau 0 keeps blocks with any kept connection
+    assert bm.tolist() == [[True, False], [True, False]]
+    with pytest.raises(ValueError, match="exactly one"):
+        P.andc_block_mask(s, keep, 16)
+
+
+def test_magnitude_block_mask_keeps_largest_blocks():
+    w = torch.randn(48, 32) * 0.01
+    w[16:32, 0:16] += 5.0
+    w[32:48, 16:32] -= 3.0
+    bm = P.magnitude_block_mask(w, 16, n_keep=2)
+    assert bm.tolist() == [[False, False], [True, False], [False, True]]
+    assert int(P.magnitude_block_mask(w, 16, density=0.5).sum()) == 3
+    em = P.magnitude_element_mask(w, 10)
+    assert int(em.sum()) == 10 and w.abs()[em].min() >= w.abs()[~em].max()
+
+
+# ---------------------------------------------------------------------------------------------
+# permutations: each alone leaves the outputs unchanged
+
+
+def test_permute_ff_preserves_outputs():
+    m = tiny_model()
+    x = images()
+    y = outputs(m, x)
+    for b in range(m.num_blocks):
+        P.permute_ff(m, b, torch.randperm(m.ff_dim))
+    torch.testing.assert_close(outputs(m, x), y, atol=1e-5, rtol=1e-5)
+    # sensitivity: permuting linear1's rows without linear2's columns changes the outputs
+    bad = copy.deepcopy(m)
+    with torch.no_grad():
+        bad.blocks[0].linear1.weight.copy_(bad.blocks[0].linear1.weight[torch.randperm(m.ff_dim)])
+    assert (outputs(bad, x) - y).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("which", ["qk", "v"])
+def test_permute_head_dims_preserves_outputs(which):
+    m = tiny_model()
+    x = images()
+    y = outputs(m, x)
+    before = m.blocks[1].self_attn.qkv.weight.clone()
+    for b in range(m.num_blocks):
+        for h in range(m.num_heads):
+            p = torch.randperm(m.head_dim)
+            if which == "qk":
+                P.permute_head_dims(m, b, h, perm_qk=p)
+            else:
+                P.permute_head_dims(m, b, h, perm_v=p)
+    assert not torch.equal(before, m.blocks[1].self_attn.qkv.weight)
+    torch.testing.assert_close(outputs(m, x), y, atol=1e-5, rtol=1e-5)
+    # sensitivity: q rows alone (without k) break the function
+    bad = copy.deepcopy(m)
+    d, dh = m.embed_dim, m.head_dim
+    with torch.no_grad():
+        w = bad.blocks[0].self_attn.qkv.weight
+        w[:dh] = w[:dh][torch.randperm(dh)]
+    assert (outputs(bad, x) - y).abs().max() > 1e-4
+
+
+def test_permute_stream_preserves_outputs():
+    for pe in ("learnable", "sine"):
+        m = tiny_model(positional_embedding=pe)
+        x = images()
+        y = outputs(m, x)
+        perm = torch.randperm(m.embed_dim)
+        P.permute_stream(m, perm)
+        torch.testing.assert_close(outputs(m, x), y, atol=1e-5, rtol=1e-5)
+    # sensitivity: leaving out one tensor (the final norm) breaks it
+    m = tiny_model()
+    y = outputs(m, x)
+    w, b = m.classifier.norm.weight.clone(), m.classifier.norm.bias.clone()
+    P.permute_stream(m, perm)
+    with torch.no_grad():
+        m.classifier.norm.weight.copy_(w)
+        m.classifier.norm.bias.copy_(b)
+    assert (outputs(m, x) - y).abs().max() > 1e-3
+
+
+def test_permutations_validate_input():
+    m = tiny_model()
+    with pytest.raises(ValueError, match="permutation"):
+        P.permute_stream(m, torch.arange(m.embed_dim - 1))
+    with pytest.raises(ValueError, match="permutation"):
+        P.permute_ff(m, 0, torch.zeros(m.ff_dim, dtype=torch.long))
+    with pytest.raises(ValueError, match="head"):
+        P.permute_head_dims(m, 0, m.num_heads, perm_qk=torch.arange(m.head_dim))
+
+
+def test_label_order_groups_labels():
+    sets = torch.zeros(8, 4, dtype=torch.bool)
+    for n, k in enumerate([2, 0, 3, 0, 2, 1, 3, 1]):
+        sets[n, k] = True
+    sets[5] = False  # empty node goes last
+    for method in ("dominant", "lexicographic"):
+        order = P.label_order(sets, method)
+        assert sorted(order.tolist()) == list(range(8))
+        assert order[-1].item() == 5
+        labels = [int(sets[i].float().argmax()) for i in order[:-1]]
+        assert labels == sorted(labels)
+    assert torch.equal(P.label_order(sets, "identity"), torch.arange(8))
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-model pruning
+
+
+def test_prune_andc_permuted_dense_equals_original():
+    m = tiny_model()
+    x = images()
+    sets = random_sets(m)
+    pm, plan = P.prune_andc(m, sets, block_size=16, density=1.0, prune_classifier=False)
+    assert plan.permutations is not None
+    torch.testing.assert_close(outputs(pm, x), outputs(m, x), atol=1e-5, rtol=1e-5)
+    assert P.density_summary(pm)["linear_density"] == 1.0
+
+
+def test_prune_andc_masks_follow_label_sets():
+    m = tiny_model()
+    sets = random_sets(m)
+    pm, plan = P.prune_andc(m, sets, block_size=16, density=0.25, order="dominant")
+    summ = P.density_summary(pm)
+    for name, dens in summ["layers"].items():
+        assert dens == pytest.approx(0.25, abs=1e-9), name
+    # classifier: exactly the final-stream sets (in the permuted order)
+    rs = RecognizedSets.from_snp(sets).permuted(plan.permutations)
+    assert torch.equal(pm.classifier.fc.mask, rs.final.t())
+    assert summ["classifier_density"] == pytest.approx(float(rs.final.double().mean()))
+    # every kept block of linear1 holds at least one ANDC-kept connection, and kept blocks have
+    # the highest scores; block 0's qkv uses the all-labels assumption for the tokens
+    assert plan.tokens_assumed
+    s = P.overlap_scores(rs.ff[0], rs.stream_mha[0])
+    kept = P.block_reduce(s.double() * (s >= 1), 16)
+    bm = plan.block_masks["classifier.blocks.0.linear1"]
+    assert kept[bm].min() >= kept[~bm].max()
+    # pruned weights are zero in the masked forward
+    lin = pm.get_submodule("classifier.blocks.0.linear1")
+    assert torch.equal(lin.masked_weight() != 0, lin.mask & (lin.weight != 0))
+
+
+def test_label_sorting_gathers_score_into_blocks():
+    m = tiny_model()
+    sets = random_sets(m, p_noise=0.03)
+    _, ident = P.prune_andc(m, sets, block_size=16, density=0.25, order="identity")
+    _, dom = P.prune_andc(m, sets, block_size=16, density=0.25, order="dominant")
+    cap = lambda plan: sum(v["captured_score_fraction"] for v in plan.layer_stats.values())  # noqa: E731
+    assert cap(dom) > cap(ident) * 1.1
+
+
+def test_empty_label_nodes_lose_connections():
+    m = tiny_model()
+    sets = random_sets(m)
+    sets["b0_ff_recognized"][:] = False
+    pm, plan = P.prune_andc(m, sets, block_size=16, tau=0.01)
+    assert not plan.block_masks["classifier.blocks.0.linear1"].any()
+    assert not plan.block_masks["classifier.blocks.0.linear2"].any()
+
+
+def test_magnitude_baseline_same_per_layer_densities():
+    m = tiny_model()
+    sets = random_sets(m)
+    pa, plan = P.prune_andc(m, sets, block_size=16, tau=0.3)
+    pmag, mplan = P.prune_magnitude(m, 16, blocks_kept=plan.blocks_kept(),
+                                    classifier_kept=int(plan.classifier_mask.sum()))
+    assert mplan.blocks_kept() == plan.blocks_kept()
+    a, b = P.density_summary(pa), P.density_summary(pmag)
+    assert a["layers"] == b["layers"]
+    assert a["classifier_density"] == b["classifier_density"]
+    for name, bm in mplan.block_masks.items():
+        w = m.get_submodule(name).weight
+        norms = P.block_reduce(w.abs(), 16)
+        if bm.any() and (~bm).any():
+            assert norms[bm].min() >= norms[~bm].max()
+
+
+def test_finetune_keeps_masks_fixed():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    m = tiny_model()
+    pm, plan = P.prune_andc(m, random_sets(m), block_size=16, density=0.5)
+    x = torch.randn(64, 1, 8, 8)
+    y = torch.randint(0, K, (64,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    lin = pm.get_submodule("classifier.blocks.1.linear2")
+    before = lin.masked_weight().detach().clone()
+    hist = P.finetune(pm, loader, epochs=1, lr=1e-3)
+    after = lin.masked_weight().detach()
+    assert len(hist) == 1 and np.isfinite(hist[0]["train_loss"])
+    assert torch.equal(after[~lin.mask], before[~lin.mask])  # zeros stay zero
+    assert not torch.equal(after[lin.mask], before[lin.mask])
+
+
+# ---------------------------------------------------------------------------------------------
+# ANDCLinear conversion and checkpoints
+
+
+def test_convert_to_andc_preserves_masked_outputs():
+    from cctk.nn import ANDCLinear
+
+    m = tiny_model()
+    x = images()
+    pm, plan = P.prune_andc(m, random_sets(m), block_size=16, density=0.25)
+    y = outputs(pm, x)
+    P.convert_to_andc(pm)
+    for name in P.encoder_linear_names(pm):
+        assert isinstance(pm.get_submodule(name), ANDCLinear)
+    torch.testing.assert_close(outputs(pm, x), y, atol=1e-5, rtol=1e-5)
+    assert P.density_summary(pm)["linear_density"] == pytest.approx(0.25)
+    dense_twin = P.to_masked_dense(copy.deepcopy(pm))
+    torch.testing.assert_close(outputs(dense_twin, x), y, atol=1e-5, rtol=1e-5)
+
+
+def test_pruned_checkpoint_round_trip(tmp_path):
+    m = tiny_model()
+    x = images()
+    pm, plan = P.prune_andc(m, random_sets(m), block_size=16, density=0.25)
+    P.convert_to_andc(pm)
+    y = outputs(pm, x)
+    path = P.save_pruned(pm, plan, tmp_path / "pruned.pt", metrics={"accuracy": 0.5})
+    raw = torch.load(path, weights_only=True)  # plain tensors and containers only
+    assert "classifier.blocks.0.linear1.weight" not in raw["state_dict"]  # no dense weights
+    loaded, ckpt = P.load_pruned(path)
+    torch.testing.assert_close(outputs(loaded, x), y, atol=0, rtol=0)
+    assert ckpt["pruning"]["block_size"] == 16
+    assert P.density_summary(loaded) == P.density_summary(pm)
+
+
+def test_pruned_checkpoint_masked_modules_round_trip(tmp_path):
+    m = tiny_model()
+    x = images()
+    pm, plan = P.prune_andc(m, random_sets(m), block_size=16, density=0.5)
+    y = outputs(pm, x)
+    path = P.save_pruned(pm, plan, tmp_path / "masked.pt")
+    loaded, _ = P.load_pruned(path)
+    torch.testing.assert_close(outputs(loaded, x), y, atol=0, rtol=0)
