@@ -15,8 +15,8 @@ Statistics, with label k = labels[b] and T tokens per sample:
       token:   sums[k, t, n] += out[b, t, n]
 The sums are taken from the outputs as stored (rounded to the output dtype) and accumulated in
 fp32. Each program owns one sample's row tile (a tile never straddles two samples), so the label
-of a tile is the scalar ``labels[b]``. The per-label counts are an O(B) index_add done by the
-launchers. The launchers here do no validation: ``cctk.ops.label_stats`` validates first.
+of a tile is the scalar ``labels[b]``. The per-label counts (an O(B) bincount) are the caller's
+(``cctk.ops.label_stats``). The launchers here do no validation: ``cctk.ops.label_stats`` validates first.
 
 This module imports Triton at import time; import it lazily (``cctk.ops.label_stats`` does).
 """
@@ -212,7 +212,7 @@ def _pow2_block(n: int, lo: int, hi: int) -> int:
 
 
 def linear_label_stats_forward(x, weight, bias, labels, num_labels, activation, mode):
-    """Launch ``_linear_label_stats_forward_kernel``; returns ``(out, sums, counts)``.
+    """Launch ``_linear_label_stats_forward_kernel``; returns ``(out, sums)``.
 
     Inputs are assumed validated (same device and dtype, x (B, T, d_in), weight (d_out, d_in),
     bias (d_out,) or None, labels (B,) int64 in [0, num_labels)); any strides are fine.
@@ -222,9 +222,8 @@ def linear_label_stats_forward(x, weight, bias, labels, num_labels, activation, 
     out = torch.empty((B, T, d_out), dtype=x.dtype, device=x.device)
     sums_shape = (num_labels, d_out) if mode == "pooled" else (num_labels, T, d_out)
     sums = torch.zeros(sums_shape, dtype=torch.float32, device=x.device)
-    counts = _label_counts(labels, num_labels)
     if out.numel() == 0:
-        return out, sums, counts
+        return out, sums
     block_t = _pow2_block(T, 16, 64)
     block_n = _pow2_block(d_out, 16, 128)
     block_k = _pow2_block(d_in, 16, 32)
@@ -244,11 +243,11 @@ def linear_label_stats_forward(x, weight, bias, labels, num_labels, activation, 
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4,
     )
-    return out, sums, counts
+    return out, sums
 
 
 def attention_label_stats_forward(q, k, v, labels, num_labels, mode):
-    """Launch ``_attention_label_stats_forward_kernel``; returns ``(out, sums, counts)``.
+    """Launch ``_attention_label_stats_forward_kernel``; returns ``(out, sums)``.
 
     Inputs are assumed validated (q, k, v (B, H, T, d_h), same device and dtype, labels (B,)
     int64 in [0, num_labels)); any strides are fine. scale = 1 / sqrt(d_h).
@@ -258,9 +257,8 @@ def attention_label_stats_forward(q, k, v, labels, num_labels, mode):
     nodes = H * d_head
     sums_shape = (num_labels, nodes) if mode == "pooled" else (num_labels, T, nodes)
     sums = torch.zeros(sums_shape, dtype=torch.float32, device=q.device)
-    counts = _label_counts(labels, num_labels)
     if out.numel() == 0:
-        return out, sums, counts
+        return out, sums
     block_m = _pow2_block(T, 16, 64)
     block_n = _pow2_block(T, 16, 64)
     block_d = _pow2_block(d_head, 16, 256)
@@ -278,10 +276,5 @@ def attention_label_stats_forward(q, k, v, labels, num_labels, mode):
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=4 if block_d <= 64 else 8,
     )
-    return out, sums, counts
+    return out, sums
 
-
-def _label_counts(labels, num_labels):
-    """counts[k] = #{b : labels[b] = k} (int64); O(B), fixed output shape (K,)."""
-    counts = torch.zeros(num_labels, dtype=torch.int64, device=labels.device)
-    return counts.index_add_(0, labels, torch.ones_like(labels))

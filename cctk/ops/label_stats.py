@@ -12,9 +12,8 @@
 
 Backends: ``"triton"`` (``cctk.kernels.label_stats``: the sums are accumulated in the epilogue
 of the kernel that computes ``out``; runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``),
-``"torch"`` (the ``*_ref`` twins: the plain forward, then the token mean as a reduction to
-(B, N) and ``label_sum_ref`` (index_add) on it, so pooled stats cost O(B*N) beyond the forward's
-one extra read), ``"auto"`` (triton on CUDA tensors when Triton imports, torch otherwise).
+``"torch"`` (the ``*_ref`` twins: the plain forward, then index_add; pooled: the token mean
+reduced to (B, N) first, so the sums cost O(B*N) beyond one extra read of the outputs), ``"auto"`` (triton on CUDA tensors when Triton imports, torch otherwise).
 
 Both are torch.library ops of namespace ``cctk`` (``cctk::linear_label_stats`` with the torch
 twin as its fallback kernel, ``cctk::linear_label_stats_triton`` launching the kernel; the same
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cctk.ops._library import define
-from cctk.ops.label_sum import check_labels, label_sum_ref
+from cctk.ops.label_sum import check_labels
 
 MODES = ("pooled", "token")
 ACTIVATIONS = ("gelu", "none")
@@ -38,24 +37,31 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ----------------------------------------------------------------------------- torch twins
 
-def _label_stats_of_nodes(nodes: torch.Tensor, labels: torch.Tensor, num_labels: int, mode: str):
-    """Per-label sums of node outputs ``nodes`` (B, T, N): pooled (K, N) of token means, or
-    token (K, T, N); fp32 accumulation; plus counts (K,)."""
-    B, T, N = nodes.shape
-    if mode == "pooled":
-        per_sample = nodes.mean(dim=1, dtype=torch.float32)              # (B, N)
-        return label_sum_ref(per_sample, labels, num_labels)
-    sums, counts = label_sum_ref(nodes.reshape(B, T * N), labels, num_labels)
-    return sums.view(num_labels, T, N), counts
+def label_counts(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """counts[k] = #{b : labels[b] = k}, int64 (K,); labels already checked to lie in [0, K)."""
+    return torch.bincount(labels, minlength=num_labels).to(torch.int64)
+
+
+def _per_label_sums(values: torch.Tensor, labels: torch.Tensor, num_labels: int):
+    """sums[k, ...] = sum_{b : labels[b] = k} values[b, ...] in fp32, and counts (K,).
+
+    ``values`` may be any strided view (e.g. attention outputs transposed to (B, T, H, d_h)):
+    index_add reads it in place, without a contiguous copy.
+    """
+    sums = torch.zeros((num_labels,) + tuple(values.shape[1:]), dtype=torch.float32, device=values.device)
+    sums.index_add_(0, labels, values.to(torch.float32))
+    return sums, label_counts(labels, num_labels)
 
 
 def linear_label_stats_ref(x, weight, bias, labels, num_labels: int, activation: str = "gelu",
                            mode: str = "pooled"):
-    """Plain PyTorch twin of ``linear_label_stats``: ``F.linear`` (+ exact GELU), then the sums."""
+    """Plain PyTorch twin of ``linear_label_stats``: ``F.linear`` (+ exact GELU), then the sums
+    (pooled: the token mean reduced to (B, d_out) first, so the sums cost O(B*d_out))."""
     out = F.linear(x, weight, bias)
     if activation == "gelu":
         out = F.gelu(out)
-    sums, counts = _label_stats_of_nodes(out, labels, num_labels, mode)
+    per_sample = out.mean(dim=1, dtype=torch.float32) if mode == "pooled" else out
+    sums, counts = _per_label_sums(per_sample, labels, num_labels)
     return out, sums, counts
 
 
@@ -65,11 +71,11 @@ def attention_label_stats_ref(q, k, v, labels, num_labels: int, mode: str = "poo
     out = F.scaled_dot_product_attention(q, k, v)
     B, H, T, d_head = out.shape
     if mode == "pooled":
-        per_sample = out.mean(dim=2, dtype=torch.float32).reshape(B, H * d_head)
-        sums, counts = label_sum_ref(per_sample, labels, num_labels)
+        sums, counts = _per_label_sums(out.mean(dim=2, dtype=torch.float32).reshape(B, H * d_head),
+                                       labels, num_labels)
     else:
-        sums, counts = _label_stats_of_nodes(out.transpose(1, 2).reshape(B, T, H * d_head),
-                                             labels, num_labels, mode)
+        sums, counts = _per_label_sums(out.transpose(1, 2), labels, num_labels)   # (K, T, H, d_h)
+        sums = sums.view(num_labels, T, H * d_head)
     return out, sums, counts
 
 
@@ -77,12 +83,14 @@ def attention_label_stats_ref(q, k, v, labels, num_labels: int, mode: str = "poo
 
 def _linear_label_stats_triton_impl(x, weight, bias, labels, num_labels, activation, mode):
     from cctk.kernels.label_stats import linear_label_stats_forward
-    return linear_label_stats_forward(x, weight, bias, labels, num_labels, activation, mode)
+    out, sums = linear_label_stats_forward(x, weight, bias, labels, num_labels, activation, mode)
+    return out, sums, label_counts(labels, num_labels)
 
 
 def _attention_label_stats_triton_impl(q, k, v, labels, num_labels, mode):
     from cctk.kernels.label_stats import attention_label_stats_forward
-    return attention_label_stats_forward(q, k, v, labels, num_labels, mode)
+    out, sums = attention_label_stats_forward(q, k, v, labels, num_labels, mode)
+    return out, sums, label_counts(labels, num_labels)
 
 
 # ----------------------------------------------------------------------------- torch.library
