@@ -93,7 +93,7 @@ def test_digits_split_shapes_and_determinism():
     info = dataset_info("digits")
     assert abs(tr.images.mean().item() - info.mean[0]) < 1e-3
     assert abs(tr.images.std(unbiased=False).item() - info.std[0]) < 1e-3
-    xs = torch.stack([tr[i][0] for i in range(len(tr))])
+    xs = torch.stack([x for x, _ in tr.__getitems__(range(len(tr)))])
     assert abs(xs.mean().item()) < 1e-3 and abs(xs.std().item() - 1) < 1e-2
     # a different seed gives a different split
     _, _, idx_tr_seed1 = load_digits_split("train", seed=1)
@@ -328,6 +328,21 @@ def test_cifar_md5_failure_and_missing(tmp_path):
     os.remove(tmp_path / "cifar-10-batches-py" / "data_batch_3")
     with pytest.raises(DataNotFoundError, match="lacks data_batch_3"):
         get_dataset("cifar10", "test", data_dir=tmp_path)
+
+
+def test_download_failure_offline(tmp_path, monkeypatch):
+    """download=True on a machine without network: a DataNotFoundError that says so (the
+    torchvision download function is replaced by one that fails the way urllib does offline)."""
+    pytest.importorskip("torchvision")
+    import urllib.error
+    import torchvision.datasets.cifar as tv_cifar
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    with pytest.raises(DataNotFoundError, match="download into .* failed.*offline"):
+        get_dataset("cifar10", "train", data_dir=tmp_path, download=True)
 
 
 def test_cifar_corrupt_pickle(tmp_path, no_md5):

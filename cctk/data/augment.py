@@ -165,14 +165,15 @@ def pad_crop(x: torch.Tensor, padding: int) -> torch.Tensor:
     if padding == 0:
         return x[0] if single else x
     B, C, H, W = x.shape
-    xp = F.pad(x, (padding, padding, padding, padding))
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    xp = F.pad(x, (padding, padding, padding, padding)).reshape(B, C, Hp * Wp)
     dy = torch.randint(0, 2 * padding + 1, (B,))
     dx = torch.randint(0, 2 * padding + 1, (B,))
-    rows = (dy[:, None] + torch.arange(H)[None, :]).to(x.device)   # (B, H)
-    cols = (dx[:, None] + torch.arange(W)[None, :]).to(x.device)   # (B, W)
-    bidx = torch.arange(B, device=x.device)[:, None, None]
-    out = xp.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    out = out.permute(0, 3, 1, 2).contiguous()
+    # flat index of out[b, :, i, j] in the padded image: (i + dy_b) * Wp + (j + dx_b)
+    flat = ((dy[:, None, None] + torch.arange(H)[None, :, None]) * Wp
+            + dx[:, None, None] + torch.arange(W)[None, None, :])
+    flat = flat.reshape(B, 1, H * W).expand(B, C, H * W).to(x.device)
+    out = xp.gather(2, flat).reshape(B, C, H, W)
     return out[0] if single else out
 
 
@@ -323,7 +324,8 @@ class RandAugment:
     probability ``prob`` apply one torchvision RandAugment op at magnitude
     ``m' = clip(m + mstd * N(0, 1), 0, mmax)``, i.e. torchvision magnitude bin
     ``round(100 * m' / mmax)`` of 101 (so m9 of 10 is 90 % of each op's range, timm's scale).
-    Input: uint8 image ``(C, H, W)`` with C in {1, 3}. Geometric ops fill with ``fill``.
+    Input and output: uint8 image ``(C, H, W)`` with C in {1, 3} (the ops run on a PIL copy).
+    Geometric ops fill with ``fill``.
     Differences from timm, stated: torchvision's op list (has Identity, no SolarizeAdd) and
     bilinear/nearest rather than random interpolation.
     """
@@ -353,6 +355,7 @@ class RandAugment:
             raise TypeError(f"RandAugment expects a uint8 image (C, H, W), got {img.dtype} {tuple(img.shape)}")
         if img.shape[0] not in (1, 3):
             raise ValueError(f"RandAugment (torchvision) supports 1 or 3 channels, got {img.shape[0]}")
+        bins = []
         for _ in range(self.num_ops):
             if float(torch.rand(())) >= self.prob:
                 continue
@@ -360,8 +363,16 @@ class RandAugment:
             if self.magnitude_std > 0:
                 m = m + self.magnitude_std * float(torch.randn(()))
             m = min(max(m, 0.0), self.max_magnitude)
-            img = self._op(int(round((self.BINS - 1) * m / self.max_magnitude)))(img)
-        return img
+            bins.append(int(round((self.BINS - 1) * m / self.max_magnitude)))
+        if not bins:
+            return img
+        # torchvision's ops run about twice as fast on PIL images as on small tensors (timm also
+        # augments PIL images): convert once, apply the ops, convert back (lossless for uint8).
+        from torchvision.transforms import functional as TF
+        pil = TF.to_pil_image(img)
+        for b in bins:
+            pil = self._op(b)(pil)
+        return TF.pil_to_tensor(pil)
 
     def __repr__(self):
         return (f"RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, "
