@@ -156,6 +156,27 @@ def test_non_contiguous_inputs(device, backend, mode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["pooled", "token"])
+def test_many_tiles(device, backend, mode):
+    """Shapes spanning several tiles in every dimension (the kernels' tiles are at most 64 tokens,
+    128 output columns, 32 reduction columns, 64 keys): token tiles of one sample added into the
+    same sums, several reduction steps, and the online softmax rescaling across key tiles."""
+    _skip_unrunnable(backend, device)
+    T = 67
+    labels = torch.tensor(LABELS, device=device)
+    x = torch.randn(B, T, 70, device=device)
+    weight = torch.randn(150, 70, device=device) / math.sqrt(70)
+    bias = torch.randn(150, device=device)
+    got = linear_label_stats(x, weight, bias, labels, K, mode=mode, backend=backend)
+    _check_against_float64(got, _linear_float64(x.cpu(), weight.cpu(), bias.cpu(), labels, "gelu", mode),
+                           torch.float32)
+    q, k, v = (torch.randn(B, H, T, 16, device=device) for _ in range(3))
+    q = 3.0 * q          # peaked scores: the running max changes between key tiles
+    got = attention_label_stats(q, k, v, labels, K, mode=mode, backend=backend)
+    _check_against_float64(got, _attention_float64(q.cpu(), k.cpu(), v.cpu(), labels, mode), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_samples_one_label_and_single_token(device, backend):
     """Edge cases: T = 1 (pooled == token), every sample in the last label."""
     _skip_unrunnable(backend, device)
