@@ -177,6 +177,20 @@ def test_sine_embedding_is_fixed_parameter():
     expect[:, 0::2] = torch.sin(expect[:, 0::2])
     expect[:, 1::2] = torch.cos(expect[:, 1::2])
     assert torch.equal(pe[0], expect)
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    assert pe.grad is None and model.tokenizer.conv_layers[0][0].weight.grad is not None
+
+
+def test_drop_path_per_sample():
+    from cctk.models import DropPath
+
+    dp = DropPath(0.5).train()
+    x = torch.ones(1000, 3, 4)
+    y = dp(x)
+    per_sample = y.flatten(1)
+    assert torch.all((per_sample == 0).all(1) | (per_sample == 2).all(1))  # x / keep or 0, per sample
+    assert 400 < int((per_sample[:, 0] == 2).sum()) < 600
+    assert torch.equal(dp.eval()(x), x)
 
 
 def test_initialisation_matches_reference():

@@ -12,6 +12,7 @@ cctk additions for tiny grey images: ``cct_2_3x1_8`` (8x8 digits, 16 tokens) and
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 from cctk.models.cct import CCT, POSITIONAL_EMBEDDINGS
@@ -84,7 +85,7 @@ def create_model(name: str, num_classes: Optional[int] = None, img_size: Optiona
         raise ValueError(f"positional_embedding must be one of {POSITIONAL_EMBEDDINGS}, "
                          f"got {cfg['positional_embedding']!r}")
     overrides.pop("name", None)
-    unknown = set(overrides) - set(CCT.__init__.__code__.co_varnames[1:CCT.__init__.__code__.co_argcount])
+    unknown = set(overrides) - set(inspect.signature(CCT).parameters)
     if unknown:
         raise TypeError(f"create_model got unknown argument(s) {sorted(unknown)}")
     cfg.update(overrides)
