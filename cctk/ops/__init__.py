@@ -2,8 +2,12 @@
 PyTorch reference twin (``*_ref``) and dispatch to the compiled / Triton kernels."""
 from cctk.ops import _library  # noqa: F401  (the cctk torch.library fragment)
 from cctk.ops.label_sum import check_labels, label_sum, label_sum_ref
+from cctk.ops.bsr_linear import (bsr_linear, bsr_linear_backward_input_ref, bsr_linear_backward_weight_ref,
+                                  bsr_linear_ref, bsr_to_dense, bsr_transpose_index, dense_to_bsr)
 
-__all__ = ["label_sum", "label_sum_ref", "check_labels"]
+__all__ = ["label_sum", "label_sum_ref", "check_labels",
+           "bsr_linear", "bsr_linear_ref", "bsr_linear_backward_input_ref", "bsr_linear_backward_weight_ref",
+           "dense_to_bsr", "bsr_to_dense", "bsr_transpose_index"]
 
 from cctk.ops.label_stats import (attention_label_stats, attention_label_stats_ref,  # noqa: E402
                                   linear_label_stats, linear_label_stats_ref)

@@ -1,0 +1,177 @@
+"""``ANDCLinear``: a drop-in block-sparse ``nn.Linear`` (ANDC pruning keeps whole B x B blocks).
+
+    y = F.linear(x, W * expand(block_mask), b)        for x of any leading shape (..., in_features)
+
+Only the kept blocks are stored (``values`` (nnz, B, B), BSR layout of ``cctk/ops/bsr_linear.py``
+with int32 index buffers), so pruned weights cost neither memory nor time and stay pruned while
+fine-tuning (they have no parameter to receive a gradient).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cctk.ops.bsr_linear import (BACKENDS, _check_mask, bsr_linear, bsr_to_dense, bsr_transpose_index,
+                                 check_block_size, dense_to_bsr)
+
+_INDEX_BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices", "block_perm")
+
+
+def _layout_from_mask(mask: torch.Tensor):
+    """int32 index buffers (crow, col, ccol, row, perm) of the kept blocks of a bool block mask."""
+    nbr, nbc = mask.shape
+    counts = mask.sum(dim=1, dtype=torch.int64)
+    crow = torch.zeros(nbr + 1, dtype=torch.int32, device=mask.device)
+    crow[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    col = mask.nonzero()[:, 1].to(torch.int32).contiguous()
+    ccol, row, perm = bsr_transpose_index(crow, col, nbc)
+    return {"crow_indices": crow, "col_indices": col, "ccol_indices": ccol, "row_indices": row, "block_perm": perm}
+
+
+class ANDCLinear(nn.Module):
+    """Block-sparse linear layer: ``y = x @ (W * expand(block_mask))^T + b``.
+
+    Args:
+        in_features, out_features: as ``nn.Linear`` (any sizes; edge blocks may be partial).
+        block_size: B, one of 16, 32, 64.
+        block_mask: bool tensor (ceil(out/B), ceil(in/B)); True keeps a block. All False is
+            allowed (the output is the bias).
+        bias: learn an additive bias.
+        dtype, device: of the parameters (index buffers are always int32).
+
+    Attributes:
+        values: Parameter (nnz, B, B), the kept blocks (zero-padded beyond the features).
+        bias: Parameter (out_features,) or None.
+        mask: bool buffer (the block mask, saved in the state dict; ``block_mask`` returns it).
+        crow_indices, col_indices, ccol_indices, row_indices, block_perm: int32 index buffers.
+        backend: "auto" | "ext" | "triton" | "torch" (see :func:`cctk.ops.bsr_linear`).
+
+    Loading a state dict whose mask differs (another nnz) re-derives the layout from that mask
+    and replaces ``values`` with a Parameter of the new size (rebuild optimizers afterwards).
+    """
+
+    def __init__(self, in_features: int, out_features: int, block_size: int, block_mask: torch.Tensor,
+                 bias: bool = True, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_block_size(block_size)
+        _check_mask(block_mask, out_features, in_features, block_size)
+        factory = {"dtype": dtype, "device": device}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_size = block_size
+        self._backend = "auto"
+        mask = block_mask.detach().to(device=device, dtype=torch.bool).clone()
+        self.register_buffer("mask", mask)
+        for name, t in _layout_from_mask(mask).items():
+            self.register_buffer(name, t)
+        # nn.Linear's initialisation (kaiming_uniform with a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))),
+        # drawn for the dense weight so a masked model starts where the dense one would.
+        weight = torch.empty(out_features, in_features, **factory)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        self.values = nn.Parameter(dense_to_bsr(weight, mask, block_size)[0])
+        if bias:
+            bound = 1.0 / math.sqrt(in_features)
+            self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    # -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block_mask: torch.Tensor, block_size: int) -> "ANDCLinear":
+        """The block-sparse copy of ``linear`` keeping the blocks where ``block_mask`` is True."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        mod = cls(linear.in_features, linear.out_features, block_size, block_mask, bias=linear.bias is not None,
+                  dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            mod.values.copy_(dense_to_bsr(w.detach(), mod.mask, block_size)[0])
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str):
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    @property
+    def block_mask(self) -> torch.Tensor:
+        """bool (ceil(out/B), ceil(in/B)): True where a block is kept."""
+        return self.mask
+
+    @property
+    def nnz(self) -> int:
+        """Number of kept blocks."""
+        return self.values.shape[0]
+
+    @property
+    def density(self) -> float:
+        """Fraction of blocks kept."""
+        return self.nnz / max(self.mask.numel(), 1)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight W * expand(block_mask), (out_features, in_features)."""
+        return bsr_to_dense(self.values, self.crow_indices, self.col_indices, self.out_features, self.in_features)
+
+    def transposed_index(self):
+        """(ccol_indices, row_indices, block_perm): the block-col compressed index of W."""
+        return self.ccol_indices, self.row_indices, self.block_perm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"ANDCLinear expects x of shape (..., {self.in_features}), got "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        return bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
+                          backend=self._backend, transposed_index=self.transposed_index())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
+                f"density={self.density:.3f} ({self.nnz}/{self.mask.numel()} blocks), bias={self.bias is not None}, "
+                f"backend={self._backend!r}")
+
+    # -----------------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Accept a state dict saved with another block mask: validate it first (nothing changes
+        on error), then re-derive the index buffers from its mask and resize ``values``."""
+        key = prefix + "mask"
+        if key in state_dict:
+            mask = state_dict[key]
+            try:
+                _check_mask(mask, self.out_features, self.in_features, self.block_size)
+            except (TypeError, ValueError) as e:
+                error_msgs.append(f"{key}: {e}")
+                return
+            nnz = int(mask.sum())
+            B = self.block_size
+            vkey = prefix + "values"
+            if vkey in state_dict and tuple(state_dict[vkey].shape) != (nnz, B, B):
+                error_msgs.append(f"{vkey}: shape {tuple(state_dict[vkey].shape)} does not match the "
+                                  f"{nnz} blocks its mask keeps (expected {(nnz, B, B)})")
+                return
+            layout = _layout_from_mask(mask.to(device=self.mask.device, dtype=torch.bool))
+            for name, t in layout.items():
+                k = prefix + name
+                if k in state_dict and not torch.equal(state_dict[k].to(device=t.device), t):
+                    error_msgs.append(f"{k}: does not match the layout of {key} (corrupt state dict?)")
+                    return
+            if not torch.equal(mask.to(device=self.mask.device, dtype=torch.bool), self.mask):
+                self.mask = mask.to(device=self.mask.device, dtype=torch.bool).clone()
+                for name, t in layout.items():
+                    setattr(self, name, t)
+                if nnz != self.values.shape[0]:
+                    self.values = nn.Parameter(self.values.detach().new_zeros(nnz, B, B),
+                                               requires_grad=self.values.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

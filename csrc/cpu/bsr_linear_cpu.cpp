@@ -1,0 +1,637 @@
+// CPU kernels of the block-sparse linear ops (cctk::bsr_linear, cctk::bsr_linear_backward_input,
+// cctk::bsr_linear_backward_weight); layout and schemas in cctk/ops/bsr_linear.py.
+//
+// The forward and the input gradient are the same block-sparse GEMM
+//
+//     out[m, ob*B + o] = bias[ob*B + o] + sum_{e in ptr[ob] .. ptr[ob+1]} sum_k in[m, idx[e]*B + k] * P_e[k, o]
+//
+// with (ptr, idx, P_e) = (crow, col, values[e]^T) for the forward and (ccol, row, values[perm[e]])
+// for the input gradient. The kernel packs P_e contiguously in the order it reads them (k-major,
+// o contiguous: one or more vector loads per k), keeps an (MR tokens x B outputs) accumulator tile
+// in registers while it streams every kept input block of the output block-row, and broadcasts
+// one input value per token per k (broadcast-FMA; for bf16, a pair of k per dpbf16 step).
+// Work is split over token tiles (at::parallel_for); within a group of tiles the loop runs over
+// output block-rows so one block-row's packed weights stay in L1 while the group's tokens
+// (L2) stream through them. Empty block-rows cost nothing but the bias store; empty block-cols
+// are never read.
+//
+// The weight gradient dV[i][a, b] = sum_m grad_out[m, r_i*B + a] * x[m, c_i*B + b] runs over
+// chunks of tokens (so the chunk stays in cache) and, inside a chunk, in parallel over (kept
+// block, tile of a); the accumulators live in registers over the chunk's tokens.
+//
+// Code paths (csrc/cpu/cpu_features.h, env CCTK_CPU_CAPABILITY caps them): AVX-512 (fp32; bf16
+// by fp32 conversion), AVX-512-BF16 (bf16 via _mm512_dpbf16_ps), AVX2+FMA (fp32; bf16 by
+// conversion), and a portable scalar loop for every dtype (float64 and float16 always use it).
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define CCTK_X86 1
+#endif
+
+#include "cpu/cpu_features.h"
+
+#define CCTK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define CCTK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define CCTK_AVX2 __attribute__((target("avx2,fma")))
+
+namespace cctk {
+namespace {
+
+using cpu::Capability;
+
+// ------------------------------------------------------------------------------------------
+// Problem description shared by the forward and the input gradient.
+struct BsrGemm {
+  int64_t M;            // tokens
+  int64_t in_cols;      // columns of `in` (its row stride)
+  int64_t out_cols;     // columns of `out` (its row stride)
+  int64_t B;            // block size
+  int64_t n_out_blocks; // ceil(out_cols / B)
+  const int32_t* ptr;   // n_out_blocks + 1
+  const int32_t* idx;   // input block of each entry
+};
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ------------------------------------------------------------------------------------------
+// Portable scalar path, every dtype. P is the packed (acc_t) weight: P[e][k][o].
+template <typename T, typename acc_t>
+void gemm_scalar(const BsrGemm& g, const T* in, const acc_t* P, const T* bias, T* out) {
+  const int64_t B = g.B;
+  at::parallel_for(0, g.M, 16, [&](int64_t m0, int64_t m1) {
+    std::vector<acc_t> acc(B);
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* xr = in + m * g.in_cols;
+      for (int64_t ob = 0; ob < g.n_out_blocks; ++ob) {
+        const int64_t ow = std::min(B, g.out_cols - ob * B);
+        for (int64_t o = 0; o < ow; ++o) acc[o] = bias ? static_cast<acc_t>(bias[ob * B + o]) : acc_t(0);
+        for (int64_t e = g.ptr[ob]; e < g.ptr[ob + 1]; ++e) {
+          const int64_t c = g.idx[e];
+          const int64_t kv = std::min(B, g.in_cols - c * B);
+          const acc_t* pe = P + e * B * B;
+          for (int64_t k = 0; k < kv; ++k) {
+            const acc_t xv = static_cast<acc_t>(xr[c * B + k]);
+            const acc_t* pk = pe + k * B;
+            for (int64_t o = 0; o < ow; ++o) acc[o] += xv * pk[o];
+          }
+        }
+        T* orow = out + m * g.out_cols + ob * B;
+        for (int64_t o = 0; o < ow; ++o) orow[o] = static_cast<T>(acc[o]);
+      }
+    }
+  });
+}
+
+// Pack P[e][k][o] (acc_t) from values (nnz, B, B) for the forward (transpose: P_e = values[e]^T)
+// or the input gradient (gather: P_e = values[perm[e]]).
+template <typename T, typename acc_t>
+void pack_blocks(const T* values, const int32_t* perm, int64_t nnz, int64_t B, bool transpose, acc_t* P) {
+  at::parallel_for(0, nnz, 8, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const T* v = values + (perm ? static_cast<int64_t>(perm[e]) : e) * B * B;
+      acc_t* p = P + e * B * B;
+      if (transpose) {
+        for (int64_t k = 0; k < B; ++k)
+          for (int64_t o = 0; o < B; ++o) p[k * B + o] = static_cast<acc_t>(v[o * B + k]);
+      } else {
+        for (int64_t i = 0; i < B * B; ++i) p[i] = static_cast<acc_t>(v[i]);
+      }
+    }
+  });
+}
+
+// bf16 pair packing for dpbf16: P2[e][kp][o] = (W(2kp, o) lo, W(2kp+1, o) hi), W(k, o) = v[o][k]
+// (transpose) or v[k][o].
+void pack_blocks_bf16_pairs(const at::BFloat16* values, const int32_t* perm, int64_t nnz, int64_t B,
+                            bool transpose, uint32_t* P2) {
+  at::parallel_for(0, nnz, 8, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const uint16_t* v = reinterpret_cast<const uint16_t*>(values) + (perm ? static_cast<int64_t>(perm[e]) : e) * B * B;
+      uint32_t* p = P2 + e * (B / 2) * B;
+      for (int64_t kp = 0; kp < B / 2; ++kp)
+        for (int64_t o = 0; o < B; ++o) {
+          const int64_t k = 2 * kp;
+          const uint32_t lo = transpose ? v[o * B + k] : v[k * B + o];
+          const uint32_t hi = transpose ? v[o * B + k + 1] : v[(k + 1) * B + o];
+          p[kp * B + o] = lo | (hi << 16);
+        }
+    }
+  });
+}
+
+#ifdef CCTK_X86
+// ------------------------------------------------------------------------------------------
+// AVX-512 fp32 micro-kernel: MR tokens x B (= 16*NV) outputs of one output block-row.
+template <int MR, int NV>
+CCTK_AVX512 inline void mk_f32_avx512(const BsrGemm& g, const float* x, const float* P, const float* bias,
+                                      int64_t ob, float* out) {
+  constexpr int64_t B = 16 * NV;
+  const int64_t ldx = g.in_cols, ldo = g.out_cols;
+  const int64_t ow = std::min(B, g.out_cols - ob * B);
+  __mmask16 msk[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, ow - 16 * v));
+    msk[v] = static_cast<__mmask16>(n >= 16 ? 0xFFFF : ((1u << n) - 1));
+  }
+  __m512 acc[MR][NV];
+  __m512 b0[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) b0[v] = bias ? _mm512_maskz_loadu_ps(msk[v], bias + ob * B + 16 * v) : _mm512_setzero_ps();
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = b0[v];
+  const int32_t e0 = g.ptr[ob], e1 = g.ptr[ob + 1];
+  for (int32_t e = e0; e < e1; ++e) {
+    const int64_t c = g.idx[e];
+    const float* xb = x + c * B;
+    const float* pe = P + static_cast<int64_t>(e) * B * B;
+    const int64_t kv = std::min(B, g.in_cols - c * B);
+    for (int64_t k = 0; k < kv; ++k) {
+      __m512 w[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(pe + k * B + 16 * v);
+#pragma GCC unroll 32
+      for (int i = 0; i < MR; ++i) {
+        const __m512 xv = _mm512_set1_ps(xb[i * ldx + k]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xv, w[v], acc[i][v]);
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + i * ldo + ob * B + 16 * v, msk[v], acc[i][v]);
+}
+
+// AVX-512-BF16 micro-kernel: x and out bf16, P2 packed pairs, fp32 accumulators.
+template <int MR, int NV>
+CCTK_AVX512BF16 inline void mk_bf16_avx512(const BsrGemm& g, const uint16_t* x, const uint32_t* P2,
+                                           const uint16_t* bias, int64_t ob, uint16_t* out) {
+  constexpr int64_t B = 16 * NV;
+  const int64_t ldx = g.in_cols, ldo = g.out_cols;
+  const int64_t ow = std::min(B, g.out_cols - ob * B);
+  __mmask16 msk[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, ow - 16 * v));
+    msk[v] = static_cast<__mmask16>(n >= 16 ? 0xFFFF : ((1u << n) - 1));
+  }
+  __m512 acc[MR][NV];
+  __m512 b0[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    if (bias) {
+      const __m256i bb = _mm256_maskz_loadu_epi16(msk[v], bias + ob * B + 16 * v);
+      b0[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bb), 16));
+    } else {
+      b0[v] = _mm512_setzero_ps();
+    }
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = b0[v];
+  const int32_t e0 = g.ptr[ob], e1 = g.ptr[ob + 1];
+  for (int32_t e = e0; e < e1; ++e) {
+    const int64_t c = g.idx[e];
+    const uint16_t* xb = x + c * B;
+    const uint32_t* pe = P2 + static_cast<int64_t>(e) * (B / 2) * B;
+    const int64_t kv = std::min(B, g.in_cols - c * B);
+    const int64_t kp_full = kv / 2;
+    for (int64_t kp = 0; kp < kp_full; ++kp) {
+      __m512i w[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(pe + kp * B + 16 * v);
+#pragma GCC unroll 32
+      for (int i = 0; i < MR; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, xb + i * ldx + 2 * kp, sizeof(pair));
+        const __m512i xv = _mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v)
+          acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)xv, (__m512bh)w[v]);
+      }
+    }
+    if (kv & 1) {  // odd tail of the last partial block: the upper half of the pair is zero
+      const int64_t kp = kp_full;
+      __m512i w[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(pe + kp * B + 16 * v);
+      for (int i = 0; i < MR; ++i) {
+        const int32_t pair = static_cast<int32_t>(xb[i * ldx + 2 * kp]);
+        const __m512i xv = _mm512_set1_epi32(pair);
+        for (int v = 0; v < NV; ++v)
+          acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)xv, (__m512bh)w[v]);
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m256i r = (__m256i)_mm512_cvtneps_pbh(acc[i][v]);
+      _mm256_mask_storeu_epi16(out + i * ldo + ob * B + 16 * v, msk[v], r);
+    }
+}
+
+// AVX2 fp32 micro-kernel: MR tokens x 16 outputs (two ymm) at output offset o0 of block-row ob.
+template <int MR>
+CCTK_AVX2 inline void mk_f32_avx2(const BsrGemm& g, const float* x, const float* P, const float* bias,
+                                  int64_t ob, int64_t o0, float* out) {
+  const int64_t B = g.B;
+  const int64_t ldx = g.in_cols, ldo = g.out_cols;
+  const int64_t ow = std::min<int64_t>(16, g.out_cols - ob * B - o0);  // valid outputs of this chunk
+  if (ow <= 0) return;
+  alignas(32) float bb[16];
+  for (int j = 0; j < 16; ++j) bb[j] = (bias && j < ow) ? bias[ob * B + o0 + j] : 0.f;
+  __m256 acc[MR][2];
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = _mm256_load_ps(bb);
+    acc[i][1] = _mm256_load_ps(bb + 8);
+  }
+  for (int32_t e = g.ptr[ob]; e < g.ptr[ob + 1]; ++e) {
+    const int64_t c = g.idx[e];
+    const float* xb = x + c * B;
+    const float* pe = P + static_cast<int64_t>(e) * B * B + o0;
+    const int64_t kv = std::min(B, g.in_cols - c * B);
+    for (int64_t k = 0; k < kv; ++k) {
+      const __m256 w0 = _mm256_loadu_ps(pe + k * B), w1 = _mm256_loadu_ps(pe + k * B + 8);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const __m256 xv = _mm256_broadcast_ss(xb + i * ldx + k);
+        acc[i][0] = _mm256_fmadd_ps(xv, w0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(xv, w1, acc[i][1]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* o = out + i * ldo + ob * B + o0;
+    if (ow == 16) {
+      _mm256_storeu_ps(o, acc[i][0]);
+      _mm256_storeu_ps(o + 8, acc[i][1]);
+    } else {
+      alignas(32) float t[16];
+      _mm256_store_ps(t, acc[i][0]);
+      _mm256_store_ps(t + 8, acc[i][1]);
+      for (int64_t j = 0; j < ow; ++j) o[j] = t[j];
+    }
+  }
+}
+#endif  // CCTK_X86
+
+// Drive a micro-kernel over all tokens: tiles of MR tokens, groups of kGroup tiles per
+// output-block sweep. A ragged last tile is computed on a zero-padded copy.
+template <typename T, int MR, typename Micro>
+void drive_tiles(const BsrGemm& g, const T* in, T* out, Micro micro) {
+  constexpr int64_t kGroup = 8;
+  const int64_t n_full = g.M / MR;
+  const int64_t n_groups = cdiv(n_full, kGroup);
+  if (n_full > 0) {
+    at::parallel_for(0, n_groups, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t gi = g0; gi < g1; ++gi) {
+        const int64_t t0 = gi * kGroup, t1 = std::min(n_full, t0 + kGroup);
+        for (int64_t ob = 0; ob < g.n_out_blocks; ++ob)
+          for (int64_t t = t0; t < t1; ++t)
+            micro(in + t * MR * g.in_cols, ob, out + t * MR * g.out_cols);
+      }
+    });
+  }
+  const int64_t rem = g.M - n_full * MR;
+  if (rem > 0) {
+    std::vector<T> xin(MR * g.in_cols + 2, T(0)), xout(MR * g.out_cols);
+    std::memcpy(xin.data(), in + n_full * MR * g.in_cols, rem * g.in_cols * sizeof(T));
+    for (int64_t ob = 0; ob < g.n_out_blocks; ++ob) micro(xin.data(), ob, xout.data());
+    std::memcpy(out + n_full * MR * g.out_cols, xout.data(), rem * g.out_cols * sizeof(T));
+  }
+}
+
+#ifdef CCTK_X86
+template <int NV>
+void gemm_f32_avx512_nv(const BsrGemm& g, const float* in, const float* P, const float* bias, float* out) {
+  constexpr int MR = NV == 1 ? 24 : (NV == 2 ? 12 : 6);
+  drive_tiles<float, MR>(g, in, out, [&](const float* x, int64_t ob, float* o) {
+    mk_f32_avx512<MR, NV>(g, x, P, bias, ob, o);
+  });
+}
+
+template <int NV>
+void gemm_bf16_avx512_nv(const BsrGemm& g, const uint16_t* in, const uint32_t* P2, const uint16_t* bias,
+                         uint16_t* out) {
+  constexpr int MR = NV == 1 ? 24 : (NV == 2 ? 12 : 6);
+  drive_tiles<uint16_t, MR>(g, in, out, [&](const uint16_t* x, int64_t ob, uint16_t* o) {
+    mk_bf16_avx512<MR, NV>(g, x, P2, bias, ob, o);
+  });
+}
+
+void gemm_f32_avx2(const BsrGemm& g, const float* in, const float* P, const float* bias, float* out) {
+  constexpr int MR = 6;
+  drive_tiles<float, MR>(g, in, out, [&](const float* x, int64_t ob, float* o) {
+    for (int64_t o0 = 0; o0 < g.B; o0 += 16) mk_f32_avx2<MR>(g, x, P, bias, ob, o0, o);
+  });
+}
+#endif
+
+// fp32 GEMM through the best path the CPU allows.
+void gemm_f32(const BsrGemm& g, const float* in, const float* P, const float* bias, float* out, Capability cap) {
+#ifdef CCTK_X86
+  if (cap >= Capability::AVX512) {
+    if (g.B == 16) return gemm_f32_avx512_nv<1>(g, in, P, bias, out);
+    if (g.B == 32) return gemm_f32_avx512_nv<2>(g, in, P, bias, out);
+    if (g.B == 64) return gemm_f32_avx512_nv<4>(g, in, P, bias, out);
+  }
+  if (cap >= Capability::AVX2 && g.B % 16 == 0) return gemm_f32_avx2(g, in, P, bias, out);
+#endif
+  gemm_scalar<float, float>(g, in, P, bias, out);
+}
+
+// ------------------------------------------------------------------------------------------
+// Validation (memory safety: every index the kernels follow is checked first).
+void check_index(const at::Tensor& ptr, const at::Tensor& idx, int64_t n_outer, int64_t n_inner, const char* op,
+                 const char* ptr_name, const char* idx_name) {
+  TORCH_CHECK(ptr.scalar_type() == at::kInt && idx.scalar_type() == at::kInt, op, ": ", ptr_name, " and ",
+              idx_name, " must be int32, got ", ptr.scalar_type(), " and ", idx.scalar_type());
+  TORCH_CHECK(ptr.dim() == 1 && ptr.size(0) == n_outer + 1, op, ": ", ptr_name, " must have ", n_outer + 1,
+              " entries, got shape ", ptr.sizes());
+  TORCH_CHECK(idx.dim() == 1, op, ": ", idx_name, " must be 1-D, got shape ", idx.sizes());
+  TORCH_CHECK(ptr.device().is_cpu() && idx.device().is_cpu(), op, ": index tensors must be on the CPU");
+}
+
+void check_index_values(const int32_t* p, const int32_t* ix, int64_t n_outer, int64_t n_inner, int64_t nnz,
+                        const char* op) {
+  TORCH_CHECK(p[0] == 0 && p[n_outer] == nnz, op, ": the compressed index must start at 0 and end at nnz=", nnz,
+              ", got ", p[0], " .. ", p[n_outer]);
+  for (int64_t r = 0; r < n_outer; ++r) TORCH_CHECK(p[r] <= p[r + 1], op, ": the compressed index is not monotone");
+  for (int64_t e = 0; e < nnz; ++e)
+    TORCH_CHECK(ix[e] >= 0 && ix[e] < n_inner, op, ": block index ", ix[e], " at entry ", e, " is outside [0, ",
+                n_inner, ")");
+}
+
+int64_t check_values(const at::Tensor& values, int64_t nnz, const char* op) {
+  TORCH_CHECK(values.dim() == 3 && values.size(1) == values.size(2), op,
+              ": values must be (nnz, B, B), got shape ", values.sizes());
+  TORCH_CHECK(values.size(0) == nnz, op, ": values holds ", values.size(0), " blocks but the index has ", nnz);
+  const int64_t B = values.size(1);
+  TORCH_CHECK(B > 0, op, ": block size must be positive");
+  return B;
+}
+
+// ------------------------------------------------------------------------------------------
+// Shared GEMM entry for the forward and the input gradient.
+at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const at::Tensor& ptr_,
+                        const at::Tensor& idx_, const at::Tensor& perm_, const c10::optional<at::Tensor>& bias_,
+                        int64_t out_cols, bool forward, const char* op) {
+  TORCH_CHECK(in_.dim() == 2, op, ": the input must be 2-D (rows, features), got shape ", in_.sizes());
+  TORCH_CHECK(in_.device().is_cpu() && values_.device().is_cpu(), op, ": tensors must be on the CPU");
+  TORCH_CHECK(in_.scalar_type() == values_.scalar_type(), op, ": input dtype ", in_.scalar_type(),
+              " differs from values dtype ", values_.scalar_type());
+  TORCH_CHECK(at::isFloatingType(in_.scalar_type()), op, ": floating-point tensors expected");
+  const int64_t nnz = idx_.numel();
+  const int64_t B = check_values(values_, nnz, op);
+  TORCH_CHECK(out_cols >= 0, op, ": the output feature count must be non-negative");
+  const int64_t M = in_.size(0), in_cols = in_.size(1);
+  const int64_t n_out_blocks = cdiv(out_cols, B), n_in_blocks = cdiv(in_cols, B);
+  check_index(ptr_, idx_, n_out_blocks, n_in_blocks, op, forward ? "crow_indices" : "ccol_indices",
+              forward ? "col_indices" : "row_indices");
+  auto ptr = ptr_.contiguous(), idx = idx_.contiguous();
+  check_index_values(ptr.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), n_out_blocks, n_in_blocks, nnz, op);
+  at::Tensor perm;
+  if (!forward) {
+    TORCH_CHECK(perm_.scalar_type() == at::kInt && perm_.dim() == 1 && perm_.numel() == nnz, op,
+                ": block_perm must be int32 with nnz=", nnz, " entries, got ", perm_.scalar_type(), " ",
+                perm_.sizes());
+    perm = perm_.contiguous();
+    const int32_t* pp = perm.data_ptr<int32_t>();
+    for (int64_t e = 0; e < nnz; ++e)
+      TORCH_CHECK(pp[e] >= 0 && pp[e] < nnz, op, ": block_perm entry ", pp[e], " is outside [0, ", nnz, ")");
+  }
+  at::Tensor bias;
+  if (bias_.has_value() && bias_->defined()) {
+    bias = bias_->contiguous();
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == out_cols, op, ": bias must have ", out_cols,
+                " entries, got shape ", bias.sizes());
+    TORCH_CHECK(bias.scalar_type() == in_.scalar_type(), op, ": bias dtype ", bias.scalar_type(),
+                " differs from the input dtype ", in_.scalar_type());
+    TORCH_CHECK(bias.device().is_cpu(), op, ": bias must be on the CPU");
+  }
+  auto in = in_.contiguous();
+  auto values = values_.contiguous();
+  auto out = at::empty({M, out_cols}, in.options());
+  if (M == 0 || out_cols == 0) return out;
+  if (in_cols == 0 || nnz == 0) {
+    if (bias.defined()) out.copy_(bias.unsqueeze(0).expand({M, out_cols}));
+    else out.zero_();
+    if (nnz == 0 || in_cols == 0) {
+      // every kept block multiplies zero input columns or there are none: bias only
+      return out;
+    }
+  }
+  BsrGemm g{M, in_cols, out_cols, B, n_out_blocks, ptr.data_ptr<int32_t>(), idx.data_ptr<int32_t>()};
+  const int32_t* pperm = forward ? nullptr : perm.data_ptr<int32_t>();
+  const Capability cap = cpu::detect();
+  const auto st = in.scalar_type();
+
+#ifdef CCTK_X86
+  if (st == at::kBFloat16 && cap >= Capability::AVX512_BF16 && (B == 16 || B == 32 || B == 64)) {
+    std::vector<uint32_t> P2(static_cast<size_t>(nnz) * (B / 2) * B);
+    pack_blocks_bf16_pairs(values.data_ptr<at::BFloat16>(), pperm, nnz, B, forward, P2.data());
+    const uint16_t* xin = reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>());
+    const uint16_t* bp = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::BFloat16>()) : nullptr;
+    uint16_t* op_ = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    if (B == 16) gemm_bf16_avx512_nv<1>(g, xin, P2.data(), bp, op_);
+    else if (B == 32) gemm_bf16_avx512_nv<2>(g, xin, P2.data(), bp, op_);
+    else gemm_bf16_avx512_nv<4>(g, xin, P2.data(), bp, op_);
+    return out;
+  }
+#endif
+  if (st == at::kFloat || (st == at::kBFloat16 && cap >= Capability::AVX2)) {
+    // fp32 kernels; bf16 without AVX512-BF16 is computed in fp32 and rounded once at the end.
+    std::vector<float> P(static_cast<size_t>(nnz) * B * B);
+    at::Tensor in32 = st == at::kFloat ? in : in.to(at::kFloat);
+    at::Tensor bias32 = bias.defined() ? (st == at::kFloat ? bias : bias.to(at::kFloat)) : bias;
+    at::Tensor out32 = st == at::kFloat ? out : at::empty({M, out_cols}, in.options().dtype(at::kFloat));
+    if (st == at::kFloat) pack_blocks<float, float>(values.data_ptr<float>(), pperm, nnz, B, forward, P.data());
+    else pack_blocks<at::BFloat16, float>(values.data_ptr<at::BFloat16>(), pperm, nnz, B, forward, P.data());
+    gemm_f32(g, in32.data_ptr<float>(), P.data(), bias32.defined() ? bias32.data_ptr<float>() : nullptr,
+             out32.data_ptr<float>(), cap);
+    if (st != at::kFloat) out.copy_(out32);
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "bsr_gemm_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> P(static_cast<size_t>(nnz) * B * B);
+    pack_blocks<scalar_t, acc_t>(values.data_ptr<scalar_t>(), pperm, nnz, B, forward, P.data());
+    gemm_scalar<scalar_t, acc_t>(g, in.data_ptr<scalar_t>(), P.data(),
+                                 bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
+                          const at::Tensor& col, const c10::optional<at::Tensor>& bias, int64_t out_features) {
+  return bsr_gemm_cpu(x, values, crow, col, at::Tensor(), bias, out_features, true, "cctk::bsr_linear");
+}
+
+at::Tensor bsr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                         const at::Tensor& ccol, const at::Tensor& row, const at::Tensor& perm,
+                                         int64_t in_features) {
+  return bsr_gemm_cpu(grad_out, values, ccol, row, perm, c10::nullopt, in_features, false,
+                      "cctk::bsr_linear_backward_input");
+}
+
+// ------------------------------------------------------------------------------------------
+// Weight gradient: dV[i][a, b] = sum_m go[m, r_i*B + a] * x[m, c_i*B + b].
+template <typename T, typename acc_t>
+void grad_weight_scalar(const T* go, const T* x, int64_t M, int64_t out_cols, int64_t in_cols, int64_t B,
+                        const int32_t* rows, const int32_t* cols, int64_t nnz, acc_t* dV) {
+  at::parallel_for(0, nnz, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = rows[i], c = cols[i];
+      const int64_t av = std::min(B, out_cols - r * B), kv = std::min(B, in_cols - c * B);
+      acc_t* d = dV + i * B * B;
+      for (int64_t m = 0; m < M; ++m) {
+        const T* gr = go + m * out_cols + r * B;
+        const T* xr = x + m * in_cols + c * B;
+        for (int64_t a = 0; a < av; ++a) {
+          const acc_t ga = static_cast<acc_t>(gr[a]);
+          for (int64_t b = 0; b < kv; ++b) d[a * B + b] += ga * static_cast<acc_t>(xr[b]);
+        }
+      }
+    }
+  });
+}
+
+#ifdef CCTK_X86
+// AT rows of a x B columns of b (NV zmm) of one block, over tokens [m0, m1); accumulates into d.
+template <int AT, int NV>
+CCTK_AVX512 inline void mk_gw_avx512(const float* go, const float* x, int64_t m0, int64_t m1, int64_t ldg,
+                                     int64_t ldx, int64_t av, __mmask16 const* kmsk, float* d) {
+  constexpr int64_t B = 16 * NV;
+  __m512 acc[AT][NV];
+#pragma GCC unroll 16
+  for (int a = 0; a < AT; ++a)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[a][v] = _mm512_loadu_ps(d + a * B + 16 * v);
+  for (int64_t m = m0; m < m1; ++m) {
+    __m512 xv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) xv[v] = _mm512_maskz_loadu_ps(kmsk[v], x + m * ldx + 16 * v);
+    const float* gr = go + m * ldg;
+#pragma GCC unroll 16
+    for (int a = 0; a < AT; ++a) {
+      if (a >= av) break;
+      const __m512 gv = _mm512_set1_ps(gr[a]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[a][v] = _mm512_fmadd_ps(gv, xv[v], acc[a][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int a = 0; a < AT; ++a)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(d + a * B + 16 * v, acc[a][v]);
+}
+
+template <int NV>
+void grad_weight_f32_avx512(const float* go, const float* x, int64_t M, int64_t out_cols, int64_t in_cols,
+                            const int32_t* rows, const int32_t* cols, int64_t nnz, float* dV) {
+  constexpr int64_t B = 16 * NV;
+  constexpr int AT = NV == 1 ? 16 : (NV == 2 ? 8 : 4);
+  constexpr int64_t n_at = B / AT;
+  constexpr int64_t kChunk = 512;
+  const int64_t units = nnz * n_at;
+  for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+    const int64_t m1 = std::min(M, m0 + kChunk);
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t i = u / n_at, at_ = u % n_at;
+        const int64_t r = rows[i], c = cols[i];
+        const int64_t a0 = at_ * AT;
+        const int64_t av = std::min<int64_t>(AT, out_cols - r * B - a0);
+        if (av <= 0) continue;  // padded rows of a partial block stay zero
+        const int64_t kv = std::min(B, in_cols - c * B);
+        __mmask16 kmsk[NV];
+        for (int v = 0; v < NV; ++v) {
+          const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, kv - 16 * v));
+          kmsk[v] = static_cast<__mmask16>(n >= 16 ? 0xFFFF : ((1u << n) - 1));
+        }
+        mk_gw_avx512<AT, NV>(go + r * B + a0, x + c * B, m0, m1, out_cols, in_cols, av, kmsk,
+                             dV + i * B * B + a0 * B);
+      }
+    });
+  }
+}
+#endif
+
+at::Tensor bsr_linear_backward_weight_cpu(const at::Tensor& grad_out_, const at::Tensor& x_, const at::Tensor& crow_,
+                                          const at::Tensor& col_, int64_t block_size) {
+  const char* op = "cctk::bsr_linear_backward_weight";
+  TORCH_CHECK(grad_out_.dim() == 2 && x_.dim() == 2 && grad_out_.size(0) == x_.size(0), op,
+              ": grad_out (M, out) and x (M, in) must be 2-D with the same rows, got ", grad_out_.sizes(), " and ",
+              x_.sizes());
+  TORCH_CHECK(grad_out_.scalar_type() == x_.scalar_type(), op, ": grad_out dtype ", grad_out_.scalar_type(),
+              " differs from x dtype ", x_.scalar_type());
+  TORCH_CHECK(at::isFloatingType(x_.scalar_type()), op, ": floating-point tensors expected");
+  TORCH_CHECK(grad_out_.device().is_cpu() && x_.device().is_cpu(), op, ": tensors must be on the CPU");
+  TORCH_CHECK(block_size > 0, op, ": block_size must be positive, got ", block_size);
+  const int64_t B = block_size;
+  const int64_t M = x_.size(0), out_cols = grad_out_.size(1), in_cols = x_.size(1);
+  const int64_t nbr = cdiv(out_cols, B), nbc = cdiv(in_cols, B);
+  check_index(crow_, col_, nbr, nbc, op, "crow_indices", "col_indices");
+  auto crow = crow_.contiguous(), col = col_.contiguous();
+  const int64_t nnz = col.numel();
+  const int32_t* cp = crow.data_ptr<int32_t>();
+  const int32_t* ci = col.data_ptr<int32_t>();
+  check_index_values(cp, ci, nbr, nbc, nnz, op);
+  std::vector<int32_t> rows(nnz);
+  for (int64_t r = 0; r < nbr; ++r)
+    for (int64_t e = cp[r]; e < cp[r + 1]; ++e) rows[e] = static_cast<int32_t>(r);
+  const auto st = x_.scalar_type();
+  auto go = grad_out_.contiguous(), x = x_.contiguous();
+  const Capability cap = cpu::detect();
+#ifdef CCTK_X86
+  if ((st == at::kFloat || st == at::kBFloat16) && cap >= Capability::AVX512 && (B == 16 || B == 32 || B == 64)) {
+    // bf16 is accumulated in fp32 (inputs converted once) and rounded at the end.
+    auto go32 = go.to(at::kFloat), x32 = x.to(at::kFloat);
+    auto dV = at::zeros({nnz, B, B}, x.options().dtype(at::kFloat));
+    if (nnz > 0 && M > 0) {
+      const float* g = go32.data_ptr<float>();
+      const float* xp = x32.data_ptr<float>();
+      float* d = dV.data_ptr<float>();
+      if (B == 16) grad_weight_f32_avx512<1>(g, xp, M, out_cols, in_cols, rows.data(), ci, nnz, d);
+      else if (B == 32) grad_weight_f32_avx512<2>(g, xp, M, out_cols, in_cols, rows.data(), ci, nnz, d);
+      else grad_weight_f32_avx512<4>(g, xp, M, out_cols, in_cols, rows.data(), ci, nnz, d);
+    }
+    return st == at::kFloat ? dV : dV.to(st);
+  }
+#endif
+  at::Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "bsr_linear_backward_weight_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto dV = at::zeros({nnz, B, B}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    if (nnz > 0 && M > 0)
+      grad_weight_scalar<scalar_t, acc_t>(go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), M, out_cols, in_cols, B,
+                                          rows.data(), ci, nnz, dV.data_ptr<acc_t>());
+    result = dV.to(st);
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cctk, CPU, m) {
+  m.impl("bsr_linear", &bsr_linear_cpu);
+  m.impl("bsr_linear_backward_input", &bsr_linear_backward_input_cpu);
+  m.impl("bsr_linear_backward_weight", &bsr_linear_backward_weight_cpu);
+}
+
+}  // namespace cctk
