@@ -1,0 +1,393 @@
+"""The ``cctk`` command: ``cctk models``, ``cctk train``, ``cctk eval``, ``cctk demo`` (and the
+commands of later modules, e.g. ``cctk snp`` and ``cctk prune``, when they are installed).
+
+User errors (unknown model or dataset, missing data, an image size the model cannot take, a bad
+option) print one ``cctk <command>: error: ...`` line on stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+#: Commands that live in other modules, imported only when the CLI is built. Each module has
+#: ``add_arguments(parser)`` and ``run(args) -> int`` (and optionally ``HELP``, a one-line
+#: summary; otherwise the first line of its docstring). A module that is not installed is not
+#: listed; one that fails to import is listed with its error and exits 1 when run.
+COMMAND_MODULES: Dict[str, str] = {
+    "snp": "cctk.snp.cli",
+    "prune": "cctk.prune.cli",
+}
+
+EXIT_USAGE = 2
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# cctk models
+
+
+def _count_parameters(name: str) -> int:
+    """Parameter count of the named model, built on the meta device (no memory, no init cost)
+    when possible."""
+    import torch
+
+    from cctk import models
+
+    try:
+        with torch.device("meta"):
+            model = models.create_model(name)
+    except Exception:
+        model = models.create_model(name)
+    return sum(p.numel() for p in model.parameters())
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cctk import models
+
+    rows = []
+    for name in models.list_models():
+        cfg = models.model_config(name)
+        rows.append({
+            "name": name, "layers": cfg["num_layers"], "heads": cfg["num_heads"],
+            "dim": cfg["embedding_dim"], "mlp_ratio": cfg["mlp_ratio"],
+            "tokenizer": f"{cfg['kernel_size']}x{cfg['n_conv_layers']}",
+            "img_size": cfg["img_size"], "in_channels": cfg["in_channels"],
+            "classes": cfg["num_classes"], "pos_emb": cfg["positional_embedding"],
+            "params": _count_parameters(name),
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("name", "layers", "heads", "dim", "mlp_ratio", "tokenizer", "img_size",
+              "in_channels", "classes", "pos_emb", "params")
+    table = [[str(r[h]) if h != "params" else f"{r[h]:,}" for h in header] for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for t in table:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(t, widths))))
+    return 0
+
+
+def add_models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
+# ---------------------------------------------------------------------------------------------
+# cctk train
+
+
+def _none_or(cast: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(s: str):
+        return None if s.lower() in ("none", "off", "null") else cast(s)
+    parse.__name__ = cast.__name__
+    return parse
+
+
+_CASTS = {"int": int, "float": float, "str": str}
+
+
+def add_config_arguments(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """One option per :class:`~cctk.train.TrainConfig` field (``--batch-size`` for
+    ``batch_size``), help text from the field's metadata; defaults are SUPPRESSed so that only
+    the options given on the command line override the preset / checkpoint config."""
+    from cctk.train import TrainConfig
+
+    defaults = TrainConfig()
+    group = p.add_argument_group(
+        "training configuration (every TrainConfig field)",
+        "Defaults shown are TrainConfig's; the preset (or, with --resume, the checkpoint's "
+        "configuration) replaces them, and the options given here replace those.")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f.metadata.get("help", "")
+        if default is not None:
+            help_text += f" (default: {default!r})"
+        typ = str(f.type).replace("typing.", "")
+        kw: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if typ in ("bool", "Optional[bool]"):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif "Tuple[float" in typ:
+            kw.update(nargs=2, type=float, metavar=("A", "B"))
+        elif typ.startswith("Optional["):
+            inner = typ[len("Optional["):-1]
+            kw.update(type=_none_or(_CASTS[inner]), metavar=inner.upper())
+        else:
+            kw.update(type=_CASTS[typ], metavar=typ.upper())
+        if f.name == "resume":
+            kw.update(nargs="?", const="auto", metavar="CKPT",
+                      help="continue a run exactly from CKPT (default with no value: "
+                           "<out>/checkpoint.pt); the checkpoint's configuration is used, "
+                           "with the options given here on top")
+        group.add_argument(flag, **kw)
+
+
+def config_from_args(args: argparse.Namespace):
+    """TrainConfig = base (the checkpoint's config when resuming, else ``--preset``, else the
+    preset named like ``--dataset`` when there is one, else the defaults) + the options given."""
+    from cctk.train import (ConfigError, TrainConfig, get_preset, preset_for_dataset,
+                            read_checkpoint)
+    from cctk.train.loop import _resume_path
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if hasattr(args, f.name)}
+    for k in ("betas", "crop_scale"):
+        if k in given:
+            given[k] = tuple(given[k])
+    preset = getattr(args, "preset", None)
+    if "resume" in given and given["resume"] is not None:
+        probe = TrainConfig(out=given.get("out", TrainConfig().out), resume=given["resume"])
+        ckpt = read_checkpoint(_resume_path(probe))
+        base = TrainConfig.from_dict(ckpt["train_config"]).to_dict()
+        if preset is not None:
+            raise ConfigError("--preset cannot be combined with --resume (the checkpoint holds "
+                              "the run's configuration)")
+        source = f"checkpoint {_resume_path(probe)}"
+    else:
+        if preset is None:
+            preset = preset_for_dataset(given.get("dataset", TrainConfig().dataset))
+        if preset is not None:
+            base = get_preset(preset).to_dict()
+            source = f"preset {preset!r}"
+        else:
+            base = TrainConfig().to_dict()
+            source = "defaults"
+        # a preset's model belongs to its dataset: --dataset X without --model uses X's default
+        if "dataset" in given and given["dataset"] != base["dataset"] and "model" not in given:
+            base["model"] = None
+            base["img_size"] = None
+    base.update(given)
+    return TrainConfig.from_dict(base).validate(), source
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cctk.train import train
+
+    config, source = config_from_args(args)
+    if config.verbose and int(os.environ.get("RANK", "0")) == 0:
+        print(f"configuration: {source} + command-line options", flush=True)
+    train(config)
+    return 0
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from cctk.train import PRESETS, list_presets
+
+    p.add_argument("--preset", choices=list_presets(), default=None,
+                   help="start from a named recipe: " + "; ".join(
+                       f"{n}: {PRESETS[n].get('model') or 'default model'} on {PRESETS[n]['dataset']}, "
+                       f"{PRESETS[n]['epochs']} epochs" for n in list_presets())
+                   + ". Without --preset, the preset named like --dataset is used when there is one")
+
+    add_config_arguments(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# cctk eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from cctk import data
+    from cctk.train import ConfigError, check_model_input, evaluate, load_checkpoint, resolve_amp
+    from cctk.train.loop import _subset
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
+    model.to(device)
+    trained_on = ckpt.get("dataset", {})
+    name = args.dataset or trained_on.get("name")
+    if name is None:
+        raise ConfigError("the checkpoint names no dataset; pass --dataset")
+    data_dir = args.data_dir if args.data_dir is not None else (
+        trained_on.get("data_dir") if name == trained_on.get("name") else None)
+    img_size = args.img_size if args.img_size is not None else (
+        trained_on.get("img_size") if name == trained_on.get("name") else None)
+    try:
+        ds = data.get_dataset(name, args.split, data_dir=data_dir, img_size=img_size,
+                              augment=False, download=args.download)
+    except ConfigError:
+        raise
+    except (KeyError, ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise ConfigError(f"dataset {name!r}: {msg}") from exc
+    if ds.num_classes != model.num_classes:
+        raise ConfigError(f"the checkpoint's model predicts {model.num_classes} classes, dataset "
+                          f"{name!r} has {ds.num_classes}")
+    check_model_input(model, ds.in_channels, ds.img_size, device)
+    if args.subset is not None and args.subset < len(ds):
+        ds = _subset(ds, args.subset)
+    loader = data.build_loader(ds, args.batch_size, shuffle=False, num_workers=args.num_workers)
+    amp_dtype = resolve_amp(args.amp, device)
+    result = evaluate(model, loader, device, amp_dtype)
+    report = {"checkpoint": os.path.abspath(args.checkpoint),
+              "model": model.config.get("name"), "dataset": name, "split": args.split,
+              "img_size": ds.img_size, "samples": result["n"], "accuracy": result["accuracy"],
+              "loss": result["loss"], "trained_epochs": ckpt.get("epoch")}
+    print(f"{report['model']} on {name}/{args.split} ({result['n']} images): accuracy "
+          f"{result['accuracy']:.4f}, loss {result['loss']:.4f}")
+    if args.out:
+        from cctk.train.checkpoint import atomic_write_text
+
+        atomic_write_text(json.dumps(report, indent=2) + "\n", args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="checkpoint.pt written by `cctk train`")
+    p.add_argument("--dataset", default=None,
+                   help="dataset to evaluate on (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset directory (default: the checkpoint's, for the same dataset)")
+    p.add_argument("--split", default="test", choices=("train", "test"), help="which split")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="image side (default: the checkpoint's, for the same dataset)")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--subset", type=int, default=None, metavar="N",
+                   help="evaluate on the first N images only")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                   help="mixed precision for the forward pass")
+    p.add_argument("--download", action="store_true", help="download the dataset if missing")
+    p.add_argument("--out", default=None, metavar="JSON", help="also write the result to JSON")
+
+
+# ---------------------------------------------------------------------------------------------
+# cctk demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cctk.demo import run_demo
+
+    run_demo(args.out, dataset=args.dataset, epochs=args.epochs, seed=args.seed,
+             data_dir=args.data_dir, device=args.device)
+    return 0
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    from cctk.demo import DEFAULT_EPOCHS
+
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--dataset", default="digits", help="dataset (digits needs no files)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs (default: the dataset's preset, {DEFAULT_EPOCHS} for digits)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--data-dir", default=None, help="dataset directory (not needed for digits)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+_BUILTIN = {
+    "models": ("list the CCT models: layers, heads, width, tokenizer, parameters",
+               add_models_arguments, cmd_models),
+    "train": ("train a CCT (AdamW, warm-up + cosine, label smoothing, mixup/cutmix, AMP, "
+              "checkpoints, exact --resume; DDP under torchrun)", add_train_arguments, cmd_train),
+    "eval": ("evaluate a checkpoint on a dataset split", add_eval_arguments, cmd_eval),
+    "demo": ("train the default model on digits, evaluate it and say what was done",
+             add_demo_arguments, cmd_demo),
+}
+
+
+def _load_command_modules() -> Dict[str, Any]:
+    """{name: module or the exception that stopped its import}; missing modules are left out."""
+    found: Dict[str, Any] = {}
+    for name, modname in COMMAND_MODULES.items():
+        try:
+            if importlib.util.find_spec(modname) is None:
+                continue
+        except ModuleNotFoundError:
+            continue
+        except Exception as exc:  # the parent package itself fails to import
+            found[name] = exc
+            continue
+        try:
+            found[name] = importlib.import_module(modname)
+        except Exception as exc:
+            found[name] = exc
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cctk import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cctk", formatter_class=_Formatter,
+        description="Compact Convolutional Transformers: training, evaluation, single-nodal "
+                    "performance (SNP) and ANDC pruning.",
+        epilog="examples:\n"
+               "  cctk demo --out runs/demo\n"
+               "  cctk models\n"
+               "  cctk train --dataset digits --epochs 30 --out runs/digits\n"
+               "  cctk train --preset cifar100 --data-dir ~/data --out runs/c100\n"
+               "  torchrun --nproc_per_node=2 -m cctk.cli train --dataset digits --out runs/ddp\n"
+               "  cctk train --out runs/digits --resume\n"
+               "  cctk eval --checkpoint runs/digits/checkpoint.pt")
+    parser.add_argument("--version", action="version", version=f"cctk {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (summary, add_args, func) in _BUILTIN.items():
+        fmt = argparse.RawDescriptionHelpFormatter if name == "train" else _Formatter
+        p = sub.add_parser(name, help=summary, description=summary, formatter_class=fmt)
+        add_args(p)
+        p.set_defaults(func=func)
+    for name, mod in _load_command_modules().items():
+        if isinstance(mod, Exception):
+            summary = f"(unavailable: {type(mod).__name__}: {mod})"
+            p = sub.add_parser(name, help=summary, description=summary)
+            p.set_defaults(func=_broken_command(name, mod))
+            continue
+        summary = getattr(mod, "HELP", None) or (mod.__doc__ or name).strip().splitlines()[0]
+        p = sub.add_parser(name, help=summary, description=mod.__doc__ or summary,
+                           formatter_class=_Formatter)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+    return parser
+
+
+def _broken_command(name: str, exc: Exception):
+    def run(args) -> int:
+        print(f"cctk {name}: error: {COMMAND_MODULES[name]} failed to import: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return run
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``cctk`` console script and ``python -m cctk.cli``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    from cctk.train import ConfigError
+
+    try:
+        code = args.func(args)
+    except ConfigError as exc:
+        print(f"cctk {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"cctk {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
