@@ -345,6 +345,15 @@ def test_download_failure_offline(tmp_path, monkeypatch):
         get_dataset("cifar10", "train", data_dir=tmp_path, download=True)
 
 
+def test_cifar_default_data_dir(tmp_path, monkeypatch, no_md5):
+    """Without data_dir, $CCTK_DATA_DIR is the torchvision root; the error says it looked there."""
+    monkeypatch.setenv("CCTK_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataNotFoundError, match="no data_dir given, looked in the default"):
+        get_dataset("cifar10", "test")
+    _write_cifar(tmp_path, "cifar10")
+    assert len(get_dataset("cifar10", "test")) == 4
+
+
 def test_cifar_corrupt_pickle(tmp_path, no_md5):
     _write_cifar(tmp_path, "cifar10")
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
@@ -394,6 +403,8 @@ def test_flowers102_from_fake_tree(tmp_path, no_md5):
     loader = build_loader(aug, batch_size=2, shuffle=True)
     xb, yb = next(iter(loader))
     assert xb.shape == (2, 3, 24, 24) and yb.dtype == torch.int64
+    pad = get_dataset("flowers102", "test", data_dir=tmp_path, img_size=16, augment={"crop": "pad"})
+    assert pad[0][0].shape == (3, 16, 16)
 
 
 def test_flowers102_missing(tmp_path):
@@ -482,6 +493,20 @@ def test_tensor_augment_pipeline_shapes_and_eval_is_plain_normalisation():
         out = A.TensorAugment(cfg, mean, std, 24)(x)
         assert out.shape == (4, 3, 24, 24) and out.dtype == torch.float32 and torch.isfinite(out).all()
         assert A.TensorAugment(cfg, mean, std, 16)(x[0]).shape == (3, 16, 16)
+
+
+def test_augment_and_mix_on_device(device):
+    """The tensor pipeline and Mixup/CutMix keep batches on their device."""
+    x = (torch.rand(4, 3, 16, 16) * 255).to(torch.uint8).to(device)
+    cfg = AugmentConfig(crop="pad", hflip=0.5, random_erasing=0.5)
+    out = A.TensorAugment(cfg, (0.5,) * 3, (0.25,) * 3, 20)(x)
+    assert out.device == x.device and out.shape == (4, 3, 20, 20)
+    out = A.TensorAugment(AugmentConfig(crop="resized", hflip=0.5), (0.5,) * 3, (0.25,) * 3, 16)(x)
+    assert out.device == x.device and out.shape == (4, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 3], device=device)
+    xm, t = mixup_cutmix(out, y, 4, generator=torch.Generator().manual_seed(0))
+    assert xm.device == x.device and t.device == x.device
+    torch.testing.assert_close(t.sum(1), torch.ones(4, device=device))
 
 
 def test_random_erasing():

@@ -387,7 +387,8 @@ class TensorAugment:
     """Crop/flip/resize/RandAugment/normalise/erase a batch of images; see the module docstring.
 
     ``__call__(x)`` takes uint8 ``[0, 255]`` or float ``[0, 1]`` images, ``(B, C, H, W)`` or
-    ``(C, H, W)``, and returns normalised float32 images of size ``out_size``.
+    ``(C, H, W)``, on any device (random parameters are drawn on the CPU; RandAugment runs on
+    the CPU), and returns normalised float32 images of size ``out_size`` on that device.
     With an inactive config it only converts, resizes and normalises (the evaluation transform).
     """
 
@@ -423,12 +424,12 @@ class TensorAugment:
             pad = cfg.padding if cfg.padding is not None else max(1, H // 8)
             x = pad_crop(x, pad)
         if flip is not None and bool(flip.any()):
-            x = torch.where(flip.view(B, 1, 1, 1), x.flip(-1), x)
+            x = torch.where(flip.view(B, 1, 1, 1).to(x.device), x.flip(-1), x)
         x = resize(x, self.out_size)
         if self.randaugment is not None:
-            u8 = (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-            x = torch.stack([self.randaugment(img) for img in u8]).float().div_(255.0)
-        x = (x - self.mean) / self.std
+            u8 = (x * 255.0).round_().clamp_(0, 255).to(device="cpu", dtype=torch.uint8)
+            x = torch.stack([self.randaugment(img) for img in u8]).to(x.device).float().div_(255.0)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         if cfg.random_erasing > 0:
             x = random_erasing(x, cfg.random_erasing)
         return x[0] if single else x
