@@ -664,3 +664,21 @@ def test_workers_load_tensor_dataset():
     b = torch.cat([x for x, _ in loader])
     assert a.shape == (32, 3, 8, 8)
     assert torch.equal(a, b)  # augmentation randomness in workers follows (seed, epoch)
+
+
+def test_tensor_datasets_work_without_torchvision(monkeypatch, tmp_path):
+    """digits, fashion-mnist and synthetic (with crop/flip) need no torchvision; the datasets
+    and options that do need it say so."""
+    import sys
+    for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")] + ["torchvision"]:
+        monkeypatch.setitem(sys.modules, mod, None)  # importing torchvision (or a part) now fails
+    _write_fashion(tmp_path)
+    for ds in (get_dataset("digits", "test", augment="basic"),
+               get_dataset("fashion-mnist", "train", data_dir=tmp_path, augment="basic"),
+               get_dataset("synthetic", "train", num_samples=8, augment={"crop": "resized", "hflip": 0.5})):
+        x, _ = next(iter(build_loader(ds, batch_size=4, shuffle=True)))
+        assert x.shape[0] == 4 and torch.isfinite(x).all()
+    with pytest.raises(ImportError, match="cifar10 needs torchvision: pip install torchvision"):
+        get_dataset("cifar10", data_dir=tmp_path)
+    with pytest.raises(ImportError, match="RandAugment needs torchvision"):
+        get_dataset("digits", augment="randaugment")

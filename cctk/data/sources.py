@@ -151,6 +151,25 @@ def fashion_mnist(info, split, data_dir, img_size, augment, download):
                               augment, info.classes, info.name, split)
 
 
+def _open_torchvision(build, name: str, root: Path, base: Path, download: bool, md5_msg: str):
+    """Call ``build()`` (a torchvision dataset constructor) and turn its failures into cctk's
+    errors: the integrity RuntimeError -> CorruptDataError(md5_msg), a failed download ->
+    DataNotFoundError, any other read error (pickle, .mat) -> CorruptDataError."""
+    try:
+        return build()
+    except RuntimeError as exc:
+        if "corrupted" in str(exc):
+            raise CorruptDataError(f"{name}: {md5_msg}") from exc
+        raise
+    except OSError as exc:
+        if download:
+            raise DataNotFoundError(f"{name}: download into {root} failed ({exc}); offline? "
+                                    f"{FIX_HINT}") from exc
+        raise
+    except Exception as exc:  # pickle / numpy / scipy errors on files that passed the MD5 check
+        raise CorruptDataError(f"{name}: could not read {base} ({type(exc).__name__}: {exc})") from exc
+
+
 # --------------------------------------------------------------------------------------------
 # CIFAR-10 / CIFAR-100 (torchvision, python pickle batches)
 
@@ -185,22 +204,12 @@ def cifar(info, split, data_dir, img_size, augment, download):
             f"{archive}). "
             f"To fix: {FIX_HINT}.")
     cls = tv.datasets.CIFAR10 if info.name == "cifar10" else tv.datasets.CIFAR100
-    try:
-        ds = cls(str(root), train=(split == "train"), download=download)
-    except RuntimeError as exc:
-        if "not found or corrupted" in str(exc) or "corrupted" in str(exc):
-            raise CorruptDataError(
-                f"{info.name}: the files in {base} failed torchvision's MD5 integrity check "
-                f"(corrupt, incomplete or not the official release). Delete {base} and unpack "
-                f"the official archive again, or pass --download where online.") from exc
-        raise
-    except OSError as exc:
-        if download:
-            raise DataNotFoundError(f"{info.name}: download into {root} failed ({exc}); offline? "
-                                    f"{FIX_HINT}") from exc
-        raise
-    except Exception as exc:  # pickle / numpy errors on files that passed the MD5 check
-        raise CorruptDataError(f"{info.name}: could not read {base} ({type(exc).__name__}: {exc})") from exc
+    ds = _open_torchvision(
+        lambda: cls(str(root), train=(split == "train"), download=download), info.name, root,
+        base, download,
+        f"the files in {base} failed torchvision's MD5 integrity check (corrupt, incomplete or "
+        f"not the official release). Delete {base} and unpack the official archive again, or "
+        f"pass --download where online.")
     data = np.asarray(ds.data)
     if data.ndim != 4 or data.shape[-1] != 3:
         raise CorruptDataError(f"{info.name}: unexpected image array shape {data.shape}")
@@ -285,22 +294,11 @@ def flowers102(info, split, data_dir, img_size, augment, download):
         import scipy.io  # noqa: F401
     except Exception as exc:
         raise ImportError("flowers102 needs scipy to read its .mat files: pip install scipy") from exc
-    try:
-        ds = tv.datasets.Flowers102(str(root), split=split, download=download)
-    except RuntimeError as exc:
-        if "corrupted" in str(exc):
-            raise CorruptDataError(
-                f"flowers102: imagelabels.mat / setid.mat in {base} failed torchvision's MD5 "
-                f"integrity check (corrupt or not the official files). Fetch them again, or pass "
-                f"--download where online.") from exc
-        raise
-    except OSError as exc:
-        if download:
-            raise DataNotFoundError(f"flowers102: download into {root} failed ({exc}); offline? "
-                                    f"{FIX_HINT}") from exc
-        raise
-    except Exception as exc:
-        raise CorruptDataError(f"flowers102: could not read {base} ({type(exc).__name__}: {exc})") from exc
+    ds = _open_torchvision(
+        lambda: tv.datasets.Flowers102(str(root), split=split, download=download), info.name,
+        root, base, download,
+        f"imagelabels.mat / setid.mat in {base} failed torchvision's MD5 integrity check (corrupt "
+        f"or not the official files). Fetch them again, or pass --download where online.")
     return Flowers102Dataset(ds, info, split, img_size, augment)
 
 
