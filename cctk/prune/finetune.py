@@ -39,7 +39,13 @@ def finetune(model: nn.Module, train_loader, epochs: int = 2, lr: float = 1e-4, 
                                 min_lr=lr * 0.1 if min_lr is None else min_lr)
     scaler = _grad_scaler(False)
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    try:
+        from cctk.data import set_loader_epoch
+    except ImportError:  # pragma: no cover
+        set_loader_epoch = None
     for epoch in range(epochs):
+        if set_loader_epoch is not None and hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
+            set_loader_epoch(train_loader, epoch)
         r = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion, device,
                             progress=progress, desc=f"fine-tune {epoch + 1}/{epochs}")
         rec = {"epoch": epoch + 1, "train_loss": r["loss_sum"] / max(1, r["samples"]),

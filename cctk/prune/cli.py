@@ -1,0 +1,103 @@
+"""``cctk prune``: ANDC (or block-magnitude) pruning of a trained checkpoint, fine-tuning with the
+masks fixed, conversion of every encoder linear to ANDCLinear.
+
+    cctk prune --checkpoint CKPT --snp DIR --density 0.25 --block-size 32 --finetune-epochs N
+               --method andc|magnitude --out DIR [--tau T] [--min-overlap M] [--lr LR]
+               [--order auto|dominant|lexicographic|identity] [--data-dir D] [--device DEV]
+
+ANDC needs the `cctk snp` output directory of the same checkpoint (recognised label sets).
+Magnitude with --snp keeps, per layer, as many blocks as ANDC would (same per-layer densities,
+same classifier density); without --snp it uses --density everywhere and leaves the classifier
+dense. Writes DIR/checkpoint.pt (a pruned cctk checkpoint: `cctk eval` and
+`cctk.prune.load_pruned` read it; no dense weights of pruned layers) and DIR/prune.json
+(per-layer densities, classifier density, accuracy of the dense model, before and after
+fine-tuning).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+HELP = "ANDC / block-magnitude pruning of a checkpoint, fine-tuning, ANDCLinear conversion"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="dense checkpoint.pt written by `cctk train`")
+    p.add_argument("--snp", default=None, metavar="DIR",
+                   help="`cctk snp` output directory of the same checkpoint (needed by --method andc)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--method", default="andc", choices=("andc", "magnitude"), help="pruning method")
+    p.add_argument("--density", type=float, default=0.25,
+                   help="target kept fraction of blocks in every encoder linear")
+    p.add_argument("--tau", type=float, default=None,
+                   help="instead of --density: keep every block whose kept-connection fraction is >= tau")
+    p.add_argument("--block-size", type=int, default=32, choices=(16, 32, 64), help="block side B")
+    p.add_argument("--min-overlap", type=int, default=1,
+                   help="keep a connection iff its nodes share at least this many recognised labels")
+    p.add_argument("--order", default="auto", choices=("auto", "dominant", "lexicographic", "identity"),
+                   help="node order used to gather kept connections into blocks")
+    p.add_argument("--no-classifier", action="store_true", help="leave the classifier dense")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs (masks fixed)")
+    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning peak learning rate (AdamW, cosine)")
+    p.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch size")
+    p.add_argument("--data-dir", default=None, help="dataset directory (default: the checkpoint's)")
+    p.add_argument("--subset", type=int, default=None, help="use only the first N samples of each split")
+    p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from cctk.prune.andc import RecognizedSets
+    from cctk.prune.convert import save_pruned
+    from cctk.prune.workflow import data_loaders, prune_and_finetune
+    from cctk.train import ConfigError, evaluate, load_checkpoint
+
+    if args.method == "andc" and args.snp is None:
+        raise ConfigError("--method andc needs --snp DIR (run `cctk snp --checkpoint CKPT --out DIR` first)")
+    if not 0 < args.density <= 1:
+        raise ConfigError(f"--density must be in (0, 1], got {args.density}")
+    if args.tau is not None and not 0 <= args.tau <= 1:
+        raise ConfigError(f"--tau must be in [0, 1], got {args.tau}")
+    if args.min_overlap < 1:
+        raise ConfigError(f"--min-overlap must be >= 1, got {args.min_overlap}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
+    sets = None
+    if args.snp is not None:
+        if not os.path.isfile(os.path.join(args.snp, "nodes.npz")):
+            raise ConfigError(f"{args.snp} holds no nodes.npz: run `cctk snp --checkpoint {args.checkpoint} --out {args.snp}`")
+        try:
+            sets = RecognizedSets.from_snp(args.snp, num_blocks=model.num_blocks)
+        except ValueError as exc:
+            raise ConfigError(f"--snp {args.snp}: {exc}") from exc
+    try:
+        train_loader, test_loader, num_classes = data_loaders(
+            ckpt.get("dataset", {}), args.data_dir, batch_size=args.batch_size,
+            train_subset=args.subset, test_subset=args.subset)
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise ConfigError(f"dataset of {args.checkpoint}: {exc}") from exc
+    if sets is not None and sets.num_labels != num_classes:
+        raise ConfigError(f"the SNP sets have {sets.num_labels} labels, the dataset {num_classes}")
+    dense_acc = evaluate(model.to(device), test_loader, device)["accuracy"]
+    print(f"dense model: accuracy {dense_acc:.4f}")
+    pruned, plan, record = prune_and_finetune(
+        model, args.method, sets, train_loader, test_loader, block_size=args.block_size,
+        density=args.density, tau=args.tau, min_overlap=args.min_overlap, order=args.order,
+        finetune_epochs=args.finetune_epochs, lr=args.lr, device=device, log=print,
+        classifier=not args.no_classifier)
+    record["dense_accuracy"] = dense_acc
+    record["checkpoint"] = os.path.abspath(os.path.join(args.out, "checkpoint.pt"))
+    record["source_checkpoint"] = os.path.abspath(args.checkpoint)
+    record["snp"] = os.path.abspath(args.snp) if args.snp else None
+    os.makedirs(args.out, exist_ok=True)
+    save_pruned(pruned.cpu(), plan, record["checkpoint"], source_checkpoint=ckpt,
+                metrics={"test_accuracy": record["accuracy"], "dense_accuracy": dense_acc})
+    with open(os.path.join(args.out, "prune.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"linear density {record['linear_density']:.3f}, classifier density {record['classifier_density']:.3f}; "
+          f"accuracy dense {dense_acc:.4f} -> pruned {record['accuracy_before_finetune']:.4f} -> "
+          f"fine-tuned {record['accuracy']:.4f}")
+    print(f"wrote {record['checkpoint']} and {os.path.join(args.out, 'prune.json')}")
+    return 0
