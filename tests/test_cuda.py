@@ -20,8 +20,9 @@ ROWS = [1, 5, 33, 300, 5000]  # 5000: enough token tiles for the 128-token tenso
 
 
 def _bsr():
-    from cctk.ops import bsr_linear as m
-    return m
+    # cctk.ops re-exports the function bsr_linear under the module's name: import the module itself
+    import importlib
+    return importlib.import_module("cctk.ops.bsr_linear")
 
 
 def _ext_cuda_or_skip():
