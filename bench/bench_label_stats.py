@@ -7,7 +7,7 @@ FF: d = 256 -> 512 with exact GELU; MHA: H = 4 heads of d_h = 64.
 
 Providers, side by side in one ``benchmark.group`` per (op, mode):
 * ``plain``  the forward alone: ``gelu(linear(x))`` / ``scaled_dot_product_attention``;
-* ``torch``  ``backend="torch"`` (forward, then the sums by index_add);
+* ``torch``  ``backend="torch"`` (forward, then the sums by an accumulating index_put);
 * ``triton`` ``backend="triton"`` (the sums in the kernel's epilogue; CUDA only: skipped on CPU,
   where Triton would only run in the interpreter).
 Each non-plain benchmark records ``extra_info["ratio_vs_plain"]`` = its median / the plain

@@ -12,7 +12,7 @@
 
 Backends: ``"triton"`` (``cctk.kernels.label_stats``: the sums are accumulated in the epilogue
 of the kernel that computes ``out``; runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``),
-``"torch"`` (the ``*_ref`` twins: the plain forward, then index_add; pooled: the token mean
+``"torch"`` (the ``*_ref`` twins: the plain forward, then an accumulating index_put; pooled: the token mean
 reduced to (B, N) first, so the sums cost O(B*N) beyond one extra read of the outputs), ``"auto"`` (triton on CUDA tensors when Triton imports, torch otherwise).
 
 Both are torch.library ops of namespace ``cctk`` (``cctk::linear_label_stats`` with the torch
@@ -45,11 +45,13 @@ def label_counts(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
 def _per_label_sums(values: torch.Tensor, labels: torch.Tensor, num_labels: int):
     """sums[k, ...] = sum_{b : labels[b] = k} values[b, ...] in fp32, and counts (K,).
 
-    ``values`` may be any strided view (e.g. attention outputs transposed to (B, T, H, d_h)):
-    index_add reads it in place, without a contiguous copy.
+    ``values`` may be any strided view (e.g. attention outputs transposed to (B, T, H, d_h)): it is
+    read in place, without a contiguous copy. One accumulating ``index_put_`` rather than
+    ``index_add_``: on CPU the latter runs one small op per sample, which costs far more than the
+    sums themselves when the cores are shared.
     """
     sums = torch.zeros((num_labels,) + tuple(values.shape[1:]), dtype=torch.float32, device=values.device)
-    sums.index_add_(0, labels, values.to(torch.float32))
+    sums.index_put_((labels,), values.to(torch.float32), accumulate=True)
     return sums, label_counts(labels, num_labels)
 
 
