@@ -352,13 +352,17 @@ def test_opcheck_attention(op_name, mode):
     torch.library.opcheck(getattr(torch.ops.cctk, op_name), (q, k, v, y, K, mode))
 
 
-def test_torch_compile_fullgraph():
-    x, w, b, y = _linear_inputs()
-    q, k, v, _ = _attention_inputs()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    if backend == "triton" and not INTERPRETING and not torch.cuda.is_available():
+        pytest.skip("the Triton op needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if backend == "triton" and not INTERPRETING else "cpu"
+    x, w, b, y = (t.to(device) for t in _linear_inputs())
+    q, k, v, _ = (t.to(device) for t in _attention_inputs())
 
     def both(x, w, b, q, k, v, y):
-        lin = linear_label_stats(x, w, b, y, K, mode="token", backend="torch")
-        att = attention_label_stats(q, k, v, y, K, mode="pooled", backend="torch")
+        lin = linear_label_stats(x, w, b, y, K, mode="token", backend=backend)
+        att = attention_label_stats(q, k, v, y, K, mode="pooled", backend=backend)
         return lin + att
 
     compiled = torch.compile(both, backend="aot_eager", fullgraph=True)
