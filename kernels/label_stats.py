@@ -14,7 +14,8 @@ Statistics, with label k = labels[b] and T tokens per sample:
       pooled:  sums[k, n]    += (1 / T) * sum_t out[b, t, n]       (the token mean)
       token:   sums[k, t, n] += out[b, t, n]
 The sums are taken from the outputs as stored (rounded to the output dtype) and accumulated in
-fp32. Each program owns one sample's row tile (a tile never straddles two samples), so the label
+fp32; the atomics make the order of the additions (hence the last bits of the sums) vary from run
+to run on a GPU. Each program owns one sample's row tile (a tile never straddles two samples), so the label
 of a tile is the scalar ``labels[b]``. The per-label counts (an O(B) bincount) are the caller's
 (``cctk.ops.label_stats``). The launchers here do no validation: ``cctk.ops.label_stats`` validates first.
 

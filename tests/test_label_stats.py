@@ -10,10 +10,9 @@ import os
 import pytest
 import torch
 
+from cctk.kernels import triton_available
 from cctk.ops.label_stats import (attention_label_stats, attention_label_stats_ref,
                                   linear_label_stats, linear_label_stats_ref)
-
-triton = pytest.importorskip("triton")
 
 B, K = 3, 5
 D_IN, D_OUT = 20, 37          # not multiples of any tile
@@ -21,10 +20,13 @@ H = 2
 LABELS = [3, 0, 3]            # labels 1, 2, 4 absent
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON = triton_available()
 BACKENDS = ["torch", "triton"]
 
 
 def _skip_unrunnable(backend, device):
+    if backend == "triton" and not TRITON:
+        pytest.skip("triton is not installed (the torch backend is tested without it)")
     if backend == "triton" and device.type == "cpu" and not INTERPRETING:
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (the GPU run covers it on cuda)")
 
@@ -319,6 +321,8 @@ def test_label_error_message_names_the_range():
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    if not TRITON:
+        pytest.skip("triton is not installed: the refusal then names the missing package (tested below)")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, w, b, y = _linear_inputs()
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
@@ -328,13 +332,25 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
         attention_label_stats(q, k, v, y, K, backend="triton")
 
 
+def test_triton_backend_without_triton_is_refused(monkeypatch):
+    import cctk.kernels
+    monkeypatch.setattr(cctk.kernels, "triton_available", lambda: False)
+    x, w, b, y = _linear_inputs()
+    with pytest.raises(RuntimeError, match="pip install triton"):
+        linear_label_stats(x, w, b, y, K, backend="triton")
+    # auto falls back to the torch twin
+    for got, want in zip(linear_label_stats(x, w, b, y, K, backend="auto"),
+                         linear_label_stats_ref(x, w, b, y, K, "gelu", "pooled")):
+        assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------- torch.library
 
 @pytest.mark.parametrize("op_name", ["linear_label_stats", "linear_label_stats_triton"])
 @pytest.mark.parametrize("mode", ["pooled", "token"])
 def test_opcheck_linear(op_name, mode):
-    if op_name.endswith("_triton") and not INTERPRETING and not torch.cuda.is_available():
-        pytest.skip("the Triton op needs CUDA or TRITON_INTERPRET=1")
+    if op_name.endswith("_triton") and (not TRITON or not (INTERPRETING or torch.cuda.is_available())):
+        pytest.skip("the Triton op needs triton, and CUDA or TRITON_INTERPRET=1")
     device = "cuda" if op_name.endswith("_triton") and not INTERPRETING else "cpu"
     x, w, b, y = (t.to(device) for t in _linear_inputs())
     op = getattr(torch.ops.cctk, op_name)
@@ -345,8 +361,8 @@ def test_opcheck_linear(op_name, mode):
 @pytest.mark.parametrize("op_name", ["attention_label_stats", "attention_label_stats_triton"])
 @pytest.mark.parametrize("mode", ["pooled", "token"])
 def test_opcheck_attention(op_name, mode):
-    if op_name.endswith("_triton") and not INTERPRETING and not torch.cuda.is_available():
-        pytest.skip("the Triton op needs CUDA or TRITON_INTERPRET=1")
+    if op_name.endswith("_triton") and (not TRITON or not (INTERPRETING or torch.cuda.is_available())):
+        pytest.skip("the Triton op needs triton, and CUDA or TRITON_INTERPRET=1")
     device = "cuda" if op_name.endswith("_triton") and not INTERPRETING else "cpu"
     q, k, v, y = (t.to(device) for t in _attention_inputs())
     torch.library.opcheck(getattr(torch.ops.cctk, op_name), (q, k, v, y, K, mode))
@@ -354,8 +370,8 @@ def test_opcheck_attention(op_name, mode):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
-    if backend == "triton" and not INTERPRETING and not torch.cuda.is_available():
-        pytest.skip("the Triton op needs CUDA or TRITON_INTERPRET=1")
+    if backend == "triton" and (not TRITON or not (INTERPRETING or torch.cuda.is_available())):
+        pytest.skip("the Triton op needs triton, and CUDA or TRITON_INTERPRET=1")
     device = "cuda" if backend == "triton" and not INTERPRETING else "cpu"
     x, w, b, y = (t.to(device) for t in _linear_inputs())
     q, k, v, _ = (t.to(device) for t in _attention_inputs())

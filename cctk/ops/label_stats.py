@@ -12,8 +12,9 @@
 
 Backends: ``"triton"`` (``cctk.kernels.label_stats``: the sums are accumulated in the epilogue
 of the kernel that computes ``out``; runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``),
-``"torch"`` (the ``*_ref`` twins: the plain forward, then an accumulating index_put; pooled: the token mean
-reduced to (B, N) first, so the sums cost O(B*N) beyond one extra read of the outputs), ``"auto"`` (triton on CUDA tensors when Triton imports, torch otherwise).
+``"torch"`` (the ``*_ref`` twins: the plain forward, then an accumulating index_put; pooled: the
+token mean reduced to (B, N) first, so the sums cost O(B*N) beyond one extra read of the
+outputs), ``"auto"`` (triton on CUDA tensors when Triton imports, torch otherwise).
 
 Both are torch.library ops of namespace ``cctk`` (``cctk::linear_label_stats`` with the torch
 twin as its fallback kernel, ``cctk::linear_label_stats_triton`` launching the kernel; the same
@@ -162,6 +163,8 @@ def _resolve_backend(backend: str, like: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if like.is_cuda and triton_available() else "torch"
     if backend == "triton":
+        if like.dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports float32, bfloat16 and float16; got {like.dtype}")
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton); "
                                "use backend='torch'")
@@ -169,8 +172,6 @@ def _resolve_backend(backend: str, like: torch.Tensor) -> str:
         if not like.is_cuda and not interpreting():
             raise RuntimeError(f"backend='triton' runs on CUDA tensors (got {like.device}); on CPU "
                                "set TRITON_INTERPRET=1 before importing triton, or use backend='torch'")
-        if like.dtype not in TRITON_DTYPES:
-            raise TypeError(f"backend='triton' supports float32, bfloat16 and float16; got {like.dtype}")
     return backend
 
 
