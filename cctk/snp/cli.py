@@ -1,0 +1,159 @@
+"""``cctk snp``: single-nodal performance of every MHA and FF node of a trained checkpoint.
+
+    cctk snp --checkpoint CKPT --out DIR [--threshold 0.3] [--readout-mode pooled|token]
+             [--readout-epochs N] [--split test] [--data-dir D] [--batch-size B]
+             [--null-draws 1000] [--backend auto|triton|torch] [--device DEV]
+
+The model and the dataset (name, directory, image size, options) come from the checkpoint. The
+readouts are trained on the training split (no augmentation); the node matrices come from the
+analysed split (``--split``, test by default). Writes DIR/snp.json, DIR/nodes.npz and the PNG
+figures, and prints a short summary.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "single-nodal performance (SNP) of a checkpoint's nodes and heads"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="checkpoint.pt written by `cctk train`")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--threshold", type=float, default=0.3,
+                   help="binarisation threshold theta on M / max (strict >)")
+    p.add_argument("--readout-mode", default="pooled", choices=("pooled", "token"),
+                   help="readout features: token means (pooled) or every token's nodes (token)")
+    p.add_argument("--readout-epochs", type=int, default=10, help="readout training epochs")
+    p.add_argument("--readout-optimizer", default="adam", choices=("adam", "lbfgs"),
+                   help="readout optimiser")
+    p.add_argument("--readout-lr", type=float, default=1e-3, help="readout learning rate (Adam)")
+    p.add_argument("--split", default="test", choices=("train", "test", "val"),
+                   help="split whose label-conditioned means build the node matrices")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset directory (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size of the passes")
+    p.add_argument("--subset", type=int, default=None,
+                   help="use only the first N samples of each split (quick looks)")
+    p.add_argument("--null-draws", type=int, default=1000,
+                   help="random node-to-head assignments of the heads' null model")
+    p.add_argument("--seed", type=int, default=0, help="seed of readouts and null model")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                   help="fused statistics ops backend")
+    p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
+    p.add_argument("--cache-limit-gb", type=float, default=2.0,
+                   help="largest readout feature cache; above it features are streamed")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+
+
+def _config_error():
+    try:
+        from cctk.train import ConfigError
+        return ConfigError
+    except ImportError:                                # pragma: no cover
+        return ValueError
+
+
+def _load(path: str):
+    """(model, ckpt) via cctk.train.load_checkpoint."""
+    from cctk.train import load_checkpoint
+    return load_checkpoint(path, map_location="cpu")
+
+
+_STANDARD = ("info", "split", "data_dir", "img_size", "augment", "download")
+
+
+def _dataset_options(name: str, options: dict) -> dict:
+    """The checkpoint's options that the dataset itself takes (digits ``test_fraction`` /
+    ``seed``, synthetic ``num_samples`` ...); training-only ones (augmentation, mixup) are
+    dropped: the analysis reads the data without augmentation."""
+    import inspect
+
+    from cctk import data
+    loader = getattr(data.dataset_info(name), "loader", None)
+    if loader is None:
+        return {}
+    accepted = set(inspect.signature(loader).parameters) - set(_STANDARD)
+    return {k: v for k, v in options.items() if k in accepted}
+
+
+def _datasets(ckpt: dict, args):
+    from cctk import data
+    ConfigError = _config_error()
+    info = ckpt.get("dataset") or {}
+    name = info.get("name")
+    if not name:
+        raise ConfigError("the checkpoint names no dataset")
+    data_dir = args.data_dir if args.data_dir is not None else info.get("data_dir")
+    options = _dataset_options(name, info.get("options") or {})
+    sets = {}
+    try:
+        for split in dict.fromkeys(("train", args.split)):
+            sets[split] = data.get_dataset(name, split, data_dir=data_dir,
+                                           img_size=info.get("img_size"), augment=False,
+                                           **options)
+    except data.DataError as exc:
+        raise ConfigError(f"dataset {name!r}: {exc}") from exc
+    if args.subset is not None:
+        from torch.utils.data import Subset
+        sets = {k: Subset(v, range(min(args.subset, len(v)))) for k, v in sets.items()}
+    return name, sets
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from cctk import data
+    from cctk.snp.pipeline import run_snp, save
+    ConfigError = _config_error()
+    if not 0 <= args.threshold < 1:
+        raise ConfigError(f"--threshold must lie in [0, 1), got {args.threshold}")
+    if args.readout_epochs < 0 or args.null_draws < 0 or args.batch_size < 1:
+        raise ConfigError("--readout-epochs and --null-draws must be >= 0, --batch-size >= 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, ckpt = _load(args.checkpoint)
+    name, sets = _datasets(ckpt, args)
+    num_classes = int(model.num_classes)
+    loaders = {k: data.build_loader(v, args.batch_size, shuffle=False) for k, v in sets.items()}
+    result = run_snp(
+        model, loaders["train"], loaders[args.split], num_classes, threshold=args.threshold,
+        readout_mode=args.readout_mode, readout_epochs=args.readout_epochs,
+        readout_optimizer=args.readout_optimizer, readout_lr=args.readout_lr,
+        backend=args.backend, null_draws=args.null_draws, seed=args.seed, device=device,
+        cache_limit_bytes=int(args.cache_limit_gb * (1 << 30)), split=args.split, dataset=name,
+        model_name=model.config.get("name"),
+        extra_config={"checkpoint": os.path.abspath(args.checkpoint),
+                      "dataset_options": (ckpt.get("dataset") or {}).get("options"),
+                      "subset": args.subset, "trained_epochs": ckpt.get("epoch")})
+    paths = save(result, args.out, plots=not args.no_plots)
+    print(format_summary(result.summary))
+    print(f"wrote {', '.join(sorted(os.path.basename(p) for p in paths.values()))} to {args.out}")
+    return 0
+
+
+def _f(v, spec=".3f"):
+    return "  n/a" if v is None else format(v, spec)
+
+
+def format_summary(summary: dict) -> str:
+    """A short readable table: per block readout accuracy, cluster size and SNR of mha and ff;
+    the heads' specialisation z and p; the final-stream nodes."""
+    cfg = summary["config"]
+    lines = [f"SNP of {cfg.get('model')} on {cfg.get('dataset')}/{cfg.get('split')} "
+             f"({summary.get('num_samples')} samples, model accuracy "
+             f"{_f(summary.get('model_accuracy'))}; readout {cfg['readout_mode']}, "
+             f"theta {cfg['threshold']})",
+             "block  | mha: acc  size   SNR   | ff: acc  size   SNR   | heads: share  z      p"]
+    for b, (blk, head) in enumerate(zip(summary["blocks"], summary["heads"])):
+        def snr(e):
+            return "  inf" if e.get("snr") is None and e.get("snr_infinite") else _f(e.get("snr"), ".2f")
+        m, f = blk["mha"], blk["ff"]
+        lines.append(f"{b:>5}  |      {_f(m['readout_accuracy'])} {_f(m['mean_cluster_size'], '.2f')} "
+                     f"{snr(m):>6} |     {_f(f['readout_accuracy'])} {_f(f['mean_cluster_size'], '.2f')} "
+                     f"{snr(f):>6} |        {_f(head['share_mean'])} {_f(head['null_z'], '6.2f')} "
+                     f"{_f(head['p_value'], '.4f')}")
+    fin = summary["final"]
+    lines.append(f"final stream: mean |D| {_f(fin['mean_recognized'], '.2f')}, fc weights kept by "
+                 f"ANDC {_f(fin['fc_kept_fraction'])}")
+    return "\n".join(lines)
