@@ -290,30 +290,47 @@ CCTK_AVX2 inline void mk_f32_avx2(const BsrGemm& g, const float* x, const float*
 }
 #endif  // CCTK_X86
 
-// Drive a micro-kernel over all tokens: tiles of MR tokens, groups of kGroup tiles per
-// output-block sweep. A ragged last tile is computed on a zero-padded copy.
+// Drive a micro-kernel over all tokens. Work units are (group of MR-token tiles) x (range of
+// output block-rows): inside a unit the loop runs over block-rows, then tiles, so one block-row's
+// packed weights stay in L1 while the group's tokens stream through them. Units are sized so
+// that every thread gets several (few tokens: split the block-rows too). A ragged last tile is
+// computed on a zero-padded copy of its rows.
 template <typename T, int MR, typename Micro>
 void drive_tiles(const BsrGemm& g, const T* in, T* out, Micro micro) {
-  constexpr int64_t kGroup = 8;
-  const int64_t n_full = g.M / MR;
-  const int64_t n_groups = cdiv(n_full, kGroup);
-  if (n_full > 0) {
-    at::parallel_for(0, n_groups, 1, [&](int64_t g0, int64_t g1) {
-      for (int64_t gi = g0; gi < g1; ++gi) {
-        const int64_t t0 = gi * kGroup, t1 = std::min(n_full, t0 + kGroup);
-        for (int64_t ob = 0; ob < g.n_out_blocks; ++ob)
-          for (int64_t t = t0; t < t1; ++t)
-            micro(in + t * MR * g.in_cols, ob, out + t * MR * g.out_cols);
+  const int64_t n_tiles = cdiv(g.M, MR);
+  const int64_t want_units = 8 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(8, n_tiles / want_units));
+  const int64_t n_groups = cdiv(n_tiles, group);
+  int64_t obs_per = g.n_out_blocks;
+  if (n_groups < want_units) obs_per = cdiv(g.n_out_blocks, std::min(g.n_out_blocks, cdiv(want_units, n_groups)));
+  const int64_t n_obc = cdiv(g.n_out_blocks, obs_per);
+  const int64_t rem = g.M - (n_tiles - 1) * MR;  // rows in the last tile, 1..MR
+  const int64_t B = g.B;
+  at::parallel_for(0, n_groups * n_obc, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<T> pin, pout;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t gi = u / n_obc, oc = u % n_obc;
+      const int64_t t0 = gi * group, t1 = std::min(n_tiles, t0 + group);
+      const int64_t ob0 = oc * obs_per, ob1 = std::min(g.n_out_blocks, ob0 + obs_per);
+      const bool ragged = rem < MR && t1 == n_tiles;
+      if (ragged && pin.empty()) {
+        pin.assign(MR * g.in_cols + 2, T(0));
+        pout.assign(MR * g.out_cols, T(0));
+        std::memcpy(pin.data(), in + (n_tiles - 1) * MR * g.in_cols, rem * g.in_cols * sizeof(T));
       }
-    });
-  }
-  const int64_t rem = g.M - n_full * MR;
-  if (rem > 0) {
-    std::vector<T> xin(MR * g.in_cols + 2, T(0)), xout(MR * g.out_cols);
-    std::memcpy(xin.data(), in + n_full * MR * g.in_cols, rem * g.in_cols * sizeof(T));
-    for (int64_t ob = 0; ob < g.n_out_blocks; ++ob) micro(xin.data(), ob, xout.data());
-    std::memcpy(out + n_full * MR * g.out_cols, xout.data(), rem * g.out_cols * sizeof(T));
-  }
+      for (int64_t ob = ob0; ob < ob1; ++ob)
+        for (int64_t t = t0; t < t1; ++t) {
+          if (ragged && t == n_tiles - 1) micro(pin.data(), ob, pout.data());
+          else micro(in + t * MR * g.in_cols, ob, out + t * MR * g.out_cols);
+        }
+      if (ragged) {
+        const int64_t c0 = ob0 * B, c1 = std::min(g.out_cols, ob1 * B);
+        for (int64_t i = 0; i < rem; ++i)
+          std::memcpy(out + ((n_tiles - 1) * MR + i) * g.out_cols + c0, pout.data() + i * g.out_cols + c0,
+                      (c1 - c0) * sizeof(T));
+      }
+    }
+  });
 }
 
 #ifdef CCTK_X86
@@ -541,22 +558,72 @@ CCTK_AVX512 inline void mk_gw_avx512(const float* go, const float* x, int64_t m0
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(d + a * B + 16 * v, acc[a][v]);
 }
 
-template <int NV>
-void grad_weight_f32_avx512(const float* go, const float* x, int64_t M, int64_t out_cols, int64_t in_cols,
-                            const int32_t* rows, const int32_t* cols, int64_t nnz, float* dV) {
+// bf16: tokens in pairs. G2 / X2 hold two consecutive rows interleaved (uint32 = (row 2p, row 2p+1)),
+// so one dpbf16 step adds go[2p, a] * x[2p, b] + go[2p+1, a] * x[2p+1, b].
+template <int AT, int NV>
+CCTK_AVX512BF16 inline void mk_gw_bf16_avx512(const uint32_t* go2, const uint32_t* x2, int64_t p0, int64_t p1,
+                                              int64_t ldg, int64_t ldx, int64_t av, __mmask16 const* kmsk, float* d) {
   constexpr int64_t B = 16 * NV;
-  constexpr int AT = NV == 1 ? 16 : (NV == 2 ? 8 : 4);
-  constexpr int64_t n_at = B / AT;
-  constexpr int64_t kChunk = 512;
+  __m512 acc[AT][NV];
+#pragma GCC unroll 16
+  for (int a = 0; a < AT; ++a)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[a][v] = _mm512_loadu_ps(d + a * B + 16 * v);
+  for (int64_t p = p0; p < p1; ++p) {
+    __m512i xv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) xv[v] = _mm512_maskz_loadu_epi32(kmsk[v], x2 + p * ldx + 16 * v);
+    const uint32_t* gr = go2 + p * ldg;
+#pragma GCC unroll 16
+    for (int a = 0; a < AT; ++a) {
+      if (a >= av) break;
+      const __m512i gv = _mm512_set1_epi32(static_cast<int32_t>(gr[a]));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[a][v] = _mm512_dpbf16_ps(acc[a][v], (__m512bh)gv, (__m512bh)xv[v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int a = 0; a < AT; ++a)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(d + a * B + 16 * v, acc[a][v]);
+}
+
+// Interleave consecutive rows of a bf16 (M, n) matrix into uint32 pairs (ceil(M/2), n); a missing
+// last row is zero.
+std::vector<uint32_t> pair_rows_bf16(const at::BFloat16* src_, int64_t M, int64_t n) {
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(src_);
+  const int64_t P = cdiv(M, 2);
+  std::vector<uint32_t> dst(static_cast<size_t>(P) * n);
+  at::parallel_for(0, P, 64, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint16_t* r0 = src + 2 * p * n;
+      uint32_t* o = dst.data() + p * n;
+      if (2 * p + 1 < M) {
+        const uint16_t* r1 = r0 + n;
+        for (int64_t j = 0; j < n; ++j) o[j] = static_cast<uint32_t>(r0[j]) | (static_cast<uint32_t>(r1[j]) << 16);
+      } else {
+        for (int64_t j = 0; j < n; ++j) o[j] = static_cast<uint32_t>(r0[j]);
+      }
+    }
+  });
+  return dst;
+}
+
+// Drive a weight-gradient micro-kernel: token chunks (cache-resident), inside a chunk units of
+// (kept block, tile of AT rows a) in parallel, each accumulating into its own part of dV.
+template <int NV, typename Micro>
+void grad_weight_drive(int64_t n_steps, int64_t step_chunk, int64_t out_cols, int64_t in_cols, const int32_t* rows,
+                       const int32_t* cols, int64_t nnz, int at_rows, float* dV, Micro micro) {
+  constexpr int64_t B = 16 * NV;
+  const int64_t n_at = B / at_rows;
   const int64_t units = nnz * n_at;
-  for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
-    const int64_t m1 = std::min(M, m0 + kChunk);
+  for (int64_t s0 = 0; s0 < n_steps; s0 += step_chunk) {
+    const int64_t s1 = std::min(n_steps, s0 + step_chunk);
     at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
-        const int64_t i = u / n_at, at_ = u % n_at;
+        const int64_t i = u / n_at, a0 = (u % n_at) * at_rows;
         const int64_t r = rows[i], c = cols[i];
-        const int64_t a0 = at_ * AT;
-        const int64_t av = std::min<int64_t>(AT, out_cols - r * B - a0);
+        const int64_t av = std::min<int64_t>(at_rows, out_cols - r * B - a0);
         if (av <= 0) continue;  // padded rows of a partial block stay zero
         const int64_t kv = std::min(B, in_cols - c * B);
         __mmask16 kmsk[NV];
@@ -564,11 +631,35 @@ void grad_weight_f32_avx512(const float* go, const float* x, int64_t M, int64_t 
           const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, kv - 16 * v));
           kmsk[v] = static_cast<__mmask16>(n >= 16 ? 0xFFFF : ((1u << n) - 1));
         }
-        mk_gw_avx512<AT, NV>(go + r * B + a0, x + c * B, m0, m1, out_cols, in_cols, av, kmsk,
-                             dV + i * B * B + a0 * B);
+        micro(r * B + a0, c * B, s0, s1, av, kmsk, dV + i * B * B + a0 * B);
       }
     });
   }
+}
+
+template <int NV>
+void grad_weight_f32_avx512(const float* go, const float* x, int64_t M, int64_t out_cols, int64_t in_cols,
+                            const int32_t* rows, const int32_t* cols, int64_t nnz, float* dV) {
+  constexpr int AT = NV == 1 ? 16 : (NV == 2 ? 8 : 4);
+  grad_weight_drive<NV>(M, 512, out_cols, in_cols, rows, cols, nnz, AT, dV,
+                        [&](int64_t go_col, int64_t x_col, int64_t m0, int64_t m1, int64_t av, const __mmask16* km,
+                            float* d) {
+                          mk_gw_avx512<AT, NV>(go + go_col, x + x_col, m0, m1, out_cols, in_cols, av, km, d);
+                        });
+}
+
+template <int NV>
+void grad_weight_bf16_avx512(const at::BFloat16* go, const at::BFloat16* x, int64_t M, int64_t out_cols,
+                             int64_t in_cols, const int32_t* rows, const int32_t* cols, int64_t nnz, float* dV) {
+  constexpr int AT = NV == 1 ? 16 : (NV == 2 ? 8 : 4);
+  const std::vector<uint32_t> go2 = pair_rows_bf16(go, M, out_cols);
+  const std::vector<uint32_t> x2 = pair_rows_bf16(x, M, in_cols);
+  grad_weight_drive<NV>(cdiv(M, 2), 256, out_cols, in_cols, rows, cols, nnz, AT, dV,
+                        [&](int64_t go_col, int64_t x_col, int64_t p0, int64_t p1, int64_t av, const __mmask16* km,
+                            float* d) {
+                          mk_gw_bf16_avx512<AT, NV>(go2.data() + go_col, x2.data() + x_col, p0, p1, out_cols, in_cols,
+                                                    av, km, d);
+                        });
 }
 #endif
 
@@ -599,8 +690,20 @@ at::Tensor bsr_linear_backward_weight_cpu(const at::Tensor& grad_out_, const at:
   auto go = grad_out_.contiguous(), x = x_.contiguous();
   const Capability cap = cpu::detect();
 #ifdef CCTK_X86
+  if (st == at::kBFloat16 && cap >= Capability::AVX512_BF16 && (B == 16 || B == 32 || B == 64)) {
+    auto dV = at::zeros({nnz, B, B}, x.options().dtype(at::kFloat));
+    if (nnz > 0 && M > 0) {
+      const at::BFloat16* g = go.data_ptr<at::BFloat16>();
+      const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+      float* d = dV.data_ptr<float>();
+      if (B == 16) grad_weight_bf16_avx512<1>(g, xp, M, out_cols, in_cols, rows.data(), ci, nnz, d);
+      else if (B == 32) grad_weight_bf16_avx512<2>(g, xp, M, out_cols, in_cols, rows.data(), ci, nnz, d);
+      else grad_weight_bf16_avx512<4>(g, xp, M, out_cols, in_cols, rows.data(), ci, nnz, d);
+    }
+    return dV.to(st);
+  }
   if ((st == at::kFloat || st == at::kBFloat16) && cap >= Capability::AVX512 && (B == 16 || B == 32 || B == 64)) {
-    // bf16 is accumulated in fp32 (inputs converted once) and rounded at the end.
+    // fp32 kernel; bf16 without AVX512-BF16 is converted once and rounded at the end.
     auto go32 = go.to(at::kFloat), x32 = x.to(at::kFloat);
     auto dV = at::zeros({nnz, B, B}, x.options().dtype(at::kFloat));
     if (nnz > 0 && M > 0) {
