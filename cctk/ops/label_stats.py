@@ -157,11 +157,13 @@ def _check_choice(name, value, choices):
 
 
 def _resolve_backend(backend: str, like: torch.Tensor) -> str:
-    """``"auto"`` -> triton on CUDA tensors when Triton imports, else torch; checks "triton"."""
+    """``"auto"`` -> triton on CUDA tensors of a Triton dtype when Triton imports, else torch;
+    ``"triton"`` is checked (dtype, package, device) and refused with the way out."""
     _check_choice("backend", backend, BACKENDS)
     from cctk.kernels import triton_available
     if backend == "auto":
-        return "triton" if like.is_cuda and triton_available() else "torch"
+        use_triton = like.is_cuda and like.dtype in TRITON_DTYPES and triton_available()
+        return "triton" if use_triton else "torch"
     if backend == "triton":
         if like.dtype not in TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports float32, bfloat16 and float16; got {like.dtype}")
