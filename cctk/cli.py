@@ -80,7 +80,8 @@ def cmd_models(args: argparse.Namespace) -> int:
               "in_channels", "classes", "pos_emb", "params")
     table = [[str(r[h]) if h != "params" else f"{r[h]:,}" for h in header] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w)
+                    for i, (h, w) in enumerate(zip(header, widths))))
     for t in table:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(t, widths))))
     return 0
@@ -104,6 +105,33 @@ def _none_or(cast: Callable[[str], Any]) -> Callable[[str], Any]:
 _CASTS = {"int": int, "float": float, "str": str}
 
 
+def _parse_value(text: str):
+    """'3' -> 3, '0.5' -> 0.5, 'true' -> True, 'none' -> None, anything else stays a string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+class _KeyValueAction(argparse.Action):
+    """``--opt k=v`` (repeatable) accumulates into a dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if "=" not in values:
+            parser.error(f"{option_string} expects KEY=VALUE, got {values!r}")
+        key, val = values.split("=", 1)
+        current = dict(getattr(namespace, self.dest, None) or {})
+        current[key.strip().replace("-", "_")] = _parse_value(val.strip())
+        setattr(namespace, self.dest, current)
+
+
 def add_config_arguments(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     """One option per :class:`~cctk.train.TrainConfig` field (``--batch-size`` for
     ``batch_size``), help text from the field's metadata; defaults are SUPPRESSed so that only
@@ -125,7 +153,10 @@ def add_config_arguments(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -
             help_text += f" (default: {default!r})"
         typ = str(f.type).replace("typing.", "")
         kw: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
-        if typ in ("bool", "Optional[bool]"):
+        if "Dict[" in typ:
+            kw.update(action=_KeyValueAction, metavar="KEY=VALUE",
+                      help=help_text + "; repeat the option for several")
+        elif typ in ("bool", "Optional[bool]"):
             kw["action"] = argparse.BooleanOptionalAction
         elif "Tuple[float" in typ:
             kw.update(nargs=2, type=float, metavar=("A", "B"))
@@ -224,12 +255,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         trained_on.get("data_dir") if name == trained_on.get("name") else None)
     img_size = args.img_size if args.img_size is not None else (
         trained_on.get("img_size") if name == trained_on.get("name") else None)
+    same = name == trained_on.get("name")
+    if args.split is None:
+        try:
+            args.split = data.dataset_info(name).eval_split
+        except (data.DataError, KeyError, ValueError) as exc:
+            raise ConfigError(str(exc.args[0] if exc.args else exc)) from exc
+    options = dict(trained_on.get("dataset_options") or {}) if same else {}
+    options.update(args.dataset_options or {})
     try:
         ds = data.get_dataset(name, args.split, data_dir=data_dir, img_size=img_size,
-                              augment=False, download=args.download)
+                              augment=False, download=args.download, **options)
     except ConfigError:
         raise
-    except (KeyError, ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as exc:
+    except (data.DataError, KeyError, ValueError, OSError, RuntimeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         raise ConfigError(f"dataset {name!r}: {msg}") from exc
     if ds.num_classes != model.num_classes:
@@ -259,17 +298,22 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="checkpoint.pt written by `cctk train`")
     p.add_argument("--dataset", default=None,
-                   help="dataset to evaluate on (default: the one the checkpoint was trained on)")
+                   help="dataset to evaluate on; None: the one the checkpoint was trained on")
     p.add_argument("--data-dir", default=None,
-                   help="dataset directory (default: the checkpoint's, for the same dataset)")
-    p.add_argument("--split", default="test", choices=("train", "test"), help="which split")
+                   help="dataset directory; None: the checkpoint's, for the same dataset")
+    p.add_argument("--split", default=None,
+                   help="train, test (flowers102 also val); None: the split the dataset's runs "
+                        "evaluate on (test; val for flowers102)")
+    p.add_argument("--dataset-options", action=_KeyValueAction, default=None, metavar="KEY=VALUE",
+                   help="dataset-specific option (none given: the checkpoint's, for the same "
+                        "dataset); repeat for several")
     p.add_argument("--img-size", type=int, default=None,
-                   help="image side (default: the checkpoint's, for the same dataset)")
+                   help="image side; None: the checkpoint's, for the same dataset")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
     p.add_argument("--subset", type=int, default=None, metavar="N",
                    help="evaluate on the first N images only")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ...; None: cuda when available")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                    help="mixed precision for the forward pass")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
@@ -294,10 +338,10 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--dataset", default="digits", help="dataset (digits needs no files)")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"training epochs (default: the dataset's preset, {DEFAULT_EPOCHS} for digits)")
+                   help=f"training epochs; None: the dataset's preset ({DEFAULT_EPOCHS} for digits)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--data-dir", default=None, help="dataset directory (not needed for digits)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ...; None: cuda when available")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +439,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"cctk {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `cctk models | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return int(code or 0)
 
 

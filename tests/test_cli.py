@@ -220,3 +220,24 @@ def test_real_command_modules_never_break_help(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--help"])
     assert exc.value.code == 0
+
+
+def test_dataset_options_reach_the_dataset_and_eval(tmp_path, capsys):
+    out_dir = tmp_path / "syn"
+    code, out, err = run_cli(["train", "--dataset", "synthetic", "--model", "cct_2_3x1_8",
+                              "--img-size", "8", "--dataset-options", "num_samples=40",
+                              "--dataset-options", "num_classes=4", "--dataset-options",
+                              "in_channels=1", "--epochs", "1", "--batch-size", "16",
+                              "--no-progress", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    m = json.loads((out_dir / "metrics.json").read_text())
+    assert m["dataset_info"]["num_classes"] == 4 and m["dataset_info"]["train_size"] == 40
+    assert m["config"]["dataset_options"] == {"num_samples": 40, "num_classes": 4, "in_channels": 1}
+    # eval rebuilds the same synthetic test split from the checkpoint's options
+    code, out, err = run_cli(["eval", "--checkpoint", str(out_dir / "checkpoint.pt")], capsys)
+    assert code == 0, err
+    assert "synthetic/test (40 images)" in out
+    assert f"accuracy {m['test_accuracy']:.4f}" in out
+    code, _, err = run_cli(["train", "--dataset", "synthetic", "--dataset-options", "colour=red",
+                            "--out", str(tmp_path / "bad")], capsys)
+    assert code == 2 and "colour" in err

@@ -48,6 +48,7 @@ class TrainConfig:
     model: Optional[str] = _opt(None, "model name (`cctk models`); default: the dataset's default model")
     dataset: str = _opt("digits", "dataset: digits, fashion-mnist, cifar10, cifar100, flowers102, synthetic")
     data_dir: Optional[str] = _opt(None, "directory holding the dataset files (datasets other than digits/synthetic)")
+    dataset_options: Optional[Dict[str, Any]] = _opt(None, "dataset-specific options for cctk.data.get_dataset, e.g. synthetic num_samples/num_classes/in_channels/seed/noise, digits test_fraction/seed")
     download: bool = _opt(False, "download the dataset into data_dir when missing (needs internet)")
     img_size: Optional[int] = _opt(None, "image side in pixels; default: the dataset's native size")
     positional_embedding: Optional[str] = _opt(None, "learnable, sine or none; default: the model's")
@@ -166,6 +167,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
         d = dict(d)
+        if d.get("dataset_options") is not None:
+            d["dataset_options"] = dict(d["dataset_options"])
         for k in ("betas", "crop_scale"):
             if k in d and d[k] is not None:
                 d[k] = tuple(d[k])

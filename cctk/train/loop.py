@@ -168,7 +168,7 @@ def _get_dataset(config: TrainConfig, split: str, augment: bool):
     return data.get_dataset(config.dataset, split, data_dir=config.data_dir,
                             img_size=config.img_size,
                             augment=config.augment_spec() if augment else False,
-                            download=config.download)
+                            download=config.download, **(config.dataset_options or {}))
 
 
 def prepare(config: TrainConfig, device="cpu") -> Setup:
@@ -206,6 +206,7 @@ def prepare(config: TrainConfig, device="cpu") -> Setup:
         test_set = _subset(test_set, config.test_subset)
     dataset = {"name": info.name, "data_dir": config.data_dir, "img_size": img_size,
                "eval_split": info.eval_split,
+               "dataset_options": _plain(dict(config.dataset_options or {})),
                "in_channels": in_channels, "num_classes": num_classes,
                "train_size": len(train_set), "test_size": len(test_set),
                "options": _plain(dataset_options(config)),
@@ -482,7 +483,7 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
                     model=model, dataset=setup.dataset, train_config=config.to_dict(),
                     optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch + 1,
                     metrics=metrics_so_far,
-                    sampler={"seed": config.seed, "epoch": epoch + 1, "world_size": ctx.world_size}),
+                    sampler=_sampler_state(train_loader, config, epoch + 1, ctx)),
                     os.path.join(out, CHECKPOINT_NAME))
             ctx.barrier()
         if on_epoch_end is not None:
@@ -521,6 +522,16 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
                   f"and {os.path.join(out, CHECKPOINT_NAME)}", flush=True)
     ctx.barrier()
     return metrics
+
+
+def _sampler_state(loader, config: TrainConfig, next_epoch: int, ctx: DistContext) -> Dict[str, Any]:
+    """What the training loader's order depends on. The order of epoch e is a function of
+    (seed, e) (``cctk.data.set_loader_epoch`` reseeds sampler and generator at each epoch
+    start), so (seed, next_epoch) restores it; the generator state is kept for inspection."""
+    gen = getattr(loader, "generator", None)
+    return {"seed": config.seed, "epoch": next_epoch, "world_size": ctx.world_size,
+            "sampler": type(getattr(loader, "sampler", None)).__name__,
+            "generator_state": gen.get_state() if isinstance(gen, torch.Generator) else None}
 
 
 def _shard_report(loader, ctx: DistContext) -> Dict[str, Any]:
