@@ -211,7 +211,8 @@ def _providers(run: Run):
     provs["ext"] = ext
 
     def tri(x, ctx):
-        return bl.bsr_linear(x, ctx["values"], ctx["crow"], ctx["col"], ctx["bias"], ctx["out_f"], backend="triton")
+        return bl.bsr_linear(x, ctx["values"], ctx["crow"], ctx["col"], ctx["bias"], ctx["out_f"], backend="triton",
+                             transposed_index=ctx["tindex"])  # kept by ANDCLinear, as here
 
     provs["triton"] = tri
 
@@ -245,7 +246,8 @@ def section_linear(run: Run, share: float):
             bias = torch.randn(out_f, generator=gen).to(dev, dtype)
             values, crow, col = bl.dense_to_bsr(w_masked, mask, B)
             kept = mask.float().mean().item()
-            ctx = dict(w_masked=w_masked, bias=bias, values=values, crow=crow, col=col, out_f=out_f)
+            ctx = dict(w_masked=w_masked, bias=bias, values=values, crow=crow, col=col, out_f=out_f,
+                       tindex=bl.bsr_transpose_index(crow, col, nc))
             try:
                 ctx["w_bsr"] = w_masked.to_sparse_bsr((B, B)) if (in_f % B == 0 and out_f % B == 0) else None
             except Exception as e:  # older torch / dtype not supported

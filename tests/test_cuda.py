@@ -225,11 +225,13 @@ def test_andclinear_module_on_cuda_all_backends():
             xr = x.clone().requires_grad_(True)
             y = mod(xr)
             check(y.detach(), ref, dtype, f"ANDCLinear {backend} forward")
-            if backend == "triton":
-                continue  # gradients of the triton backend: tested through the kernels above
             gout = torch.randn_like(y)
             y.backward(gout)
             check(xr.grad, gout.double() @ wd, dtype, f"ANDCLinear {backend} grad x")
+            gw = gout.double().reshape(-1, 136).T @ x.double().reshape(-1, 200)
+            ref_vals, _, _ = _bsr().dense_to_bsr(gw, mask, 32)
+            check(mod.values.grad, ref_vals, dtype, f"ANDCLinear {backend} grad kept blocks")
+            check(mod.bias.grad, gout.double().sum((0, 1)), dtype, f"ANDCLinear {backend} grad bias")
 
 
 # ------------------------------------------------------------------------------- SNP fused ops
