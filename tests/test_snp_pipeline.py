@@ -22,8 +22,9 @@ HEAD_KEYS = ("share_mean", "null_z", "p_value", "jaccard_mean", "unique_labels",
 def digits_checkpoint(tmp_path_factory):
     from cctk.train import TrainConfig, train
     out = tmp_path_factory.mktemp("digits_run")
-    train(TrainConfig(dataset="digits", model="cct_2_3x1_8", epochs=4, batch_size=64,
-                      out=str(out), seed=0, progress=False, cpu_threads=2))
+    train(TrainConfig(dataset="digits", model="cct_2_3x1_8", epochs=4, batch_size=32,
+                      warmup_epochs=0.5, train_subset=480, test_subset=120, out=str(out),
+                      seed=0, progress=False, cpu_threads=2))
     return str(out / "checkpoint.pt")
 
 
@@ -31,7 +32,8 @@ def test_cli_writes_the_schema(digits_checkpoint, tmp_path, capsys):
     from cctk.cli import main
     out = tmp_path / "snp"
     code = main(["snp", "--checkpoint", digits_checkpoint, "--out", str(out),
-                 "--readout-epochs", "5", "--null-draws", "200", "--backend", "torch"])
+                 "--readout-epochs", "5", "--null-draws", "200", "--backend", "torch",
+                 "--subset", "240"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "block" in printed and "heads" in printed
@@ -45,7 +47,7 @@ def test_cli_writes_the_schema(digits_checkpoint, tmp_path, capsys):
     K, L, H = cfg["num_classes"], cfg["num_blocks"], cfg["num_heads"]
     assert (K, L, H) == (10, 2, 2)
     assert len(summary["blocks"]) == L and len(summary["heads"]) == L and len(summary["stream"]) == L
-    assert summary["model_accuracy"] > 0.5                 # the checkpoint learned something
+    assert summary["model_accuracy"] > 0.3                 # learned something (chance: 0.1)
     arrays = dict(np.load(out / "nodes.npz"))
     for b, block in enumerate(summary["blocks"]):
         for g in GROUPS:
@@ -149,3 +151,13 @@ def test_two_process_stats_equal_one(tmp_path):
             for key in one.sums:
                 torch.testing.assert_close(g["sums"][key], one.sums[key], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(g["final"], one.final_sums, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_refuses_bad_options(digits_checkpoint, tmp_path, capsys):
+    from cctk.cli import main
+    code = main(["snp", "--checkpoint", digits_checkpoint, "--out", str(tmp_path / "x"),
+                 "--threshold", "1.5"])
+    assert code == 2 and "--threshold" in capsys.readouterr().err
+    code = main(["snp", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "y")])
+    assert code == 2 and "not found" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -33,19 +33,26 @@ def make_plots(result, out_dir: str) -> dict:
 
     examples = sorted(k for k in result.arrays if k.startswith("example_"))
     if examples:
-        fig, axes = plt.subplots(len(examples), 2, figsize=(6, 2.8 * len(examples)), squeeze=False)
-        for row, key in enumerate(examples):
+        per_row = 3                                      # examples per row, 2 panels each
+        rows = -(-len(examples) // per_row)
+        fig, axes = plt.subplots(rows, 2 * per_row, figsize=(4.2 * per_row, 2.3 * rows),
+                                 squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for i, key in enumerate(examples):
             a = analyze_matrix(result.arrays[key], threshold)
             title = key[len("example_"):]
-            axes[row, 0].imshow(a.normalized, cmap="RdBu_r", vmin=-1, vmax=1)
-            axes[row, 0].set_title(f"{title}: M / max", fontsize=8)
-            axes[row, 1].imshow(a.binary, cmap="Greys", vmin=0, vmax=1)
-            axes[row, 1].set_title(f"> {threshold}: |D|={len(a.recognized)}, "
-                                   f"{len(a.clusters)} clusters, noise {a.noise}", fontsize=8)
-            for ax in axes[row]:
-                ax.set_xlabel("readout label c", fontsize=7)
-                ax.set_ylabel("true label k", fontsize=7)
-                ax.tick_params(labelsize=6)
+            left, right = axes[i // per_row, 2 * (i % per_row)], axes[i // per_row, 2 * (i % per_row) + 1]
+            left.imshow(a.normalized, cmap="RdBu_r", vmin=-1, vmax=1)
+            left.set_title(f"{title}: M / max", fontsize=7)
+            right.imshow(a.binary, cmap="Greys", vmin=0, vmax=1)
+            right.set_title(f"> {threshold}: |D| {len(a.recognized)}, {len(a.clusters)} cl., "
+                            f"noise {a.noise}", fontsize=7)
+            for ax in (left, right):
+                ax.axis("on")
+                ax.set_xlabel("readout label c", fontsize=6)
+                ax.set_ylabel("true label k", fontsize=6)
+                ax.tick_params(labelsize=5)
         fig.tight_layout()
         written["node_matrices.png"] = os.path.join(out_dir, "node_matrices.png")
         fig.savefig(written["node_matrices.png"], dpi=100)
@@ -61,6 +68,7 @@ def make_plots(result, out_dir: str) -> dict:
             ys = [blocks[b][group][field] for b in xs]
             ax.plot(xs, ys, marker=marker, label=group)
         ax.set_xlabel("block")
+        ax.set_xticks(range(len(blocks)))
         ax.set_title(label)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -79,7 +87,7 @@ def make_plots(result, out_dir: str) -> dict:
         if shp is not None:
             hs, ks = np.nonzero(shp)
             ax.scatter(ks, hs, marker="x", color="red", s=12, label="k in D_h (SHP)")
-            ax.legend(fontsize=7, loc="upper right")
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), frameon=False)
         head = result.summary["heads"][b]
         z, p = head.get("null_z"), head.get("p_value")
         ax.set_title(f"block {b}: coverage c_h[k]; share {_fmt(head.get('share_mean'))}, "
