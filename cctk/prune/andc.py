@@ -91,7 +91,8 @@ class RecognizedSets:
 
     @classmethod
     def from_snp(cls, source: Union[str, Path, Mapping[str, torch.Tensor]], num_blocks: Optional[int] = None) -> "RecognizedSets":
-        """From ``cctk.snp.load_recognized(dir)`` (or the dict it returns).
+        """From a ``cctk snp`` output directory, the dict ``cctk.snp.load_recognized`` returns, or
+        an in-memory ``cctk.snp.SNPResult``.
 
         Keys ``b{b}_{g}_recognized`` for g in mha, ff, stream_mha, stream_ff; ``b{b}_heads_recognized``;
         ``final_recognized``; optionally ``tokens_recognized``.
@@ -100,6 +101,9 @@ class RecognizedSets:
             from cctk.snp import load_recognized
 
             source = load_recognized(source)
+        elif not isinstance(source, Mapping) and hasattr(source, "recognized"):  # a cctk.snp.SNPResult
+            rec = source.recognized
+            source = rec() if callable(rec) else rec
         d = {k: torch.as_tensor(v).to(torch.bool).cpu() for k, v in source.items()}
         if num_blocks is None:
             num_blocks = 0

@@ -109,7 +109,7 @@ def run_pipeline(out_dir: str, dataset: str = "digits", epochs: Optional[int] = 
                              readout_epochs=snp_readout_epochs, null_draws=null_draws, seed=seed,
                              device=dev, split=snp_split, dataset=dataset, verbose=verbose)
     snp_mod.save(result, snp_dir)
-    sets = RecognizedSets.from_snp(result.recognized, num_blocks=model.num_blocks)
+    sets = RecognizedSets.from_snp(result, num_blocks=model.num_blocks)
     step("snp", t0)
 
     # 3-4. ANDC and magnitude at the same densities, fine-tuned -------------------------------
