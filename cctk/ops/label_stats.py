@@ -59,10 +59,13 @@ def _per_label_sums(values: torch.Tensor, labels: torch.Tensor, num_labels: int)
 def linear_label_stats_ref(x, weight, bias, labels, num_labels: int, activation: str = "gelu",
                            mode: str = "pooled"):
     """Plain PyTorch twin of ``linear_label_stats``: ``F.linear`` (+ exact GELU), then the sums
-    (pooled: the token mean reduced to (B, d_out) first, so the sums cost O(B*d_out))."""
+    (pooled: the token mean reduced to (B, d_out) first, so the sums cost O(B*d_out)).
+
+    The GELU is applied in place on the fresh linear output (bitwise the same as ``F.gelu``; no
+    autograd here): it saves allocating and first-touching a second (B, T, d_out) buffer."""
     out = F.linear(x, weight, bias)
     if activation == "gelu":
-        out = F.gelu(out)
+        out = torch.ops.aten.gelu_(out)
     per_sample = out.mean(dim=1, dtype=torch.float32) if mode == "pooled" else out
     sums, counts = _per_label_sums(per_sample, labels, num_labels)
     return out, sums, counts
