@@ -6,8 +6,10 @@ Shapes (CCT-7/3x1 on 32x32 images, batch 64): B = 64 samples, T = 256 tokens, K 
 FF: d = 256 -> 512 with exact GELU; MHA: H = 4 heads of d_h = 64.
 
 Providers, side by side in one ``benchmark.group`` per (op, mode):
-* ``plain``  the forward alone: ``gelu(linear(x))`` / ``scaled_dot_product_attention``;
-* ``torch``  ``backend="torch"`` (forward, then the sums by an accumulating index_put);
+* ``plain``  the forward alone, as the model writes it: ``F.gelu(F.linear(x))`` (out of place, like
+  ``nn.GELU``) / ``F.scaled_dot_product_attention``;
+* ``torch``  ``backend="torch"`` (forward, then the sums by an accumulating index_put; its GELU
+  runs in place, which saves one (B, T, d_ff) buffer and can outweigh the pooled statistics);
 * ``triton`` ``backend="triton"`` (the sums in the kernel's epilogue; CUDA only: skipped on CPU,
   where Triton would only run in the interpreter).
 Each non-plain benchmark records ``extra_info["ratio_vs_plain"]`` = its median / the plain
