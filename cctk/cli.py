@@ -241,8 +241,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from cctk import data
-    from cctk.train import ConfigError, check_model_input, evaluate, load_checkpoint, resolve_amp
-    from cctk.train.loop import _subset
+    from cctk.train import (ConfigError, check_model_input, evaluate, load_checkpoint,
+                            resolve_amp, subset_dataset)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
@@ -276,7 +276,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           f"{name!r} has {ds.num_classes}")
     check_model_input(model, ds.in_channels, ds.img_size, device)
     if args.subset is not None and args.subset < len(ds):
-        ds = _subset(ds, args.subset)
+        ds = subset_dataset(ds, args.subset)
     loader = data.build_loader(ds, args.batch_size, shuffle=False, num_workers=args.num_workers)
     amp_dtype = resolve_amp(args.amp, device)
     result = evaluate(model, loader, device, amp_dtype)

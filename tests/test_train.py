@@ -18,7 +18,7 @@ from cctk import data, models
 from cctk.train import (ConfigError, PRESETS, TrainConfig, WarmupCosine, build_optimizer,
                         build_scheduler, evaluate, get_preset, load_checkpoint, resolve_amp, train)
 from cctk.train.checkpoint import (atomic_save, checkpoint_dict, epoch_seed, read_checkpoint)
-from cctk.train.loop import train_one_epoch
+from cctk.train.loop import make_grad_scaler, train_one_epoch
 
 
 def tiny_config(out, **kw):
@@ -258,8 +258,7 @@ def test_gradient_clipping_bounds_the_norm():
     loader = data.build_loader(torch.utils.data.Subset(ds, range(64)), 32, shuffle=False)
     opt = build_optimizer(model, 1e-3, 0.05)
     sched = build_scheduler(opt, 1e-3, 2, 1, 0, 1e-3, 1e-3)
-    scaler = torch.amp.GradScaler("cuda", enabled=False) if hasattr(torch.amp, "GradScaler") \
-        else torch.cuda.amp.GradScaler(enabled=False)
+    scaler = make_grad_scaler(False)
     train_one_epoch(model, loader, opt, sched, scaler, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
                     clip_grad=0.05)
     norm = torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))

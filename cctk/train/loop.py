@@ -57,10 +57,15 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _grad_scaler(enabled: bool):
+def make_grad_scaler(enabled: bool):
+    """A CUDA GradScaler (fp16 autocast); with ``enabled=False`` its calls are pass-throughs,
+    so the loop has one code path for every precision."""
     if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler("cuda", enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3
+
+
+_grad_scaler = make_grad_scaler  # older name, used by cctk.prune
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,9 +206,9 @@ def prepare(config: TrainConfig, device="cpu") -> Setup:
         raise _user_error(exc, f"model {model_name!r}") from exc
     check_model_input(model, in_channels, img_size)
     if config.train_subset is not None and config.train_subset < len(train_set):
-        train_set = _subset(train_set, config.train_subset)
+        train_set = subset_dataset(train_set, config.train_subset)
     if config.test_subset is not None and config.test_subset < len(test_set):
-        test_set = _subset(test_set, config.test_subset)
+        test_set = subset_dataset(test_set, config.test_subset)
     dataset = {"name": info.name, "data_dir": config.data_dir, "img_size": img_size,
                "eval_split": info.eval_split,
                "dataset_options": _plain(dict(config.dataset_options or {})),
@@ -215,7 +220,9 @@ def prepare(config: TrainConfig, device="cpu") -> Setup:
                  dataset=dataset)
 
 
-def _subset(dataset, n: int):
+def subset_dataset(dataset, n: int):
+    """The first ``n`` samples of ``dataset`` as a Subset that keeps ``num_classes``,
+    ``in_channels``, ``img_size`` and ``targets``."""
     sub = Subset(dataset, range(n))
     for attr in ("num_classes", "in_channels", "img_size"):
         if hasattr(dataset, attr):
@@ -223,6 +230,9 @@ def _subset(dataset, n: int):
     if hasattr(dataset, "targets"):
         sub.targets = [int(t) for t in list(dataset.targets)[:n]]
     return sub
+
+
+_subset = subset_dataset  # older name, used by cctk.prune
 
 
 def _plain(x):
@@ -406,7 +416,7 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
     optimizer = build_optimizer(unwrap(model), config.lr, config.weight_decay, config.betas)
     scheduler = build_scheduler(optimizer, config.lr, steps_per_epoch, config.epochs,
                                 config.warmup_epochs, config.warmup_lr, config.min_lr)
-    scaler = _grad_scaler(amp_dtype == torch.float16)
+    scaler = make_grad_scaler(amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     mixer = _mixer(config, setup.dataset["num_classes"])
 
