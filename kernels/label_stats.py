@@ -33,6 +33,7 @@ MODE_POOLED = 0
 MODE_TOKEN = 1
 MODES = {"pooled": MODE_POOLED, "token": MODE_TOKEN}
 ACTIVATIONS = {"none": 0, "gelu": 1}
+MAX_HEAD_DIM = 256          # the attention kernel keeps a whole head (d_h columns) in one tile
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 SUPPORTED_DTYPES = tuple(_TL_DTYPE)
@@ -142,10 +143,10 @@ def _attention_label_stats_forward_kernel(
     accumulator); then with k = labels[b] and node n = h * D_head + j,
     MODE=0: sums[k, n] += (1/T) sum_t out[b, h, t, j];  MODE=1: sums[k, t, n] += out[b, h, t, j].
 
-    Grid: (cdiv(T, BLOCK_M), B * H). Out is contiguous (B, H, T, D_head); sums contiguous fp32.
+    Grid: (B * H, cdiv(T, BLOCK_M)) (B * H on the axis without the 65535 limit). Out is contiguous (B, H, T, D_head); sums contiguous fp32.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
 
@@ -254,6 +255,9 @@ def attention_label_stats_forward(q, k, v, labels, num_labels, mode):
     int64 in [0, num_labels)); any strides are fine. scale = 1 / sqrt(d_h).
     """
     B, H, T, d_head = q.shape
+    if d_head > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention kernel holds a head in one tile: d_h <= {MAX_HEAD_DIM}, "
+                         f"got {d_head}")
     out = torch.empty((B, H, T, d_head), dtype=q.dtype, device=q.device)
     nodes = H * d_head
     sums_shape = (num_labels, nodes) if mode == "pooled" else (num_labels, T, nodes)
@@ -262,8 +266,8 @@ def attention_label_stats_forward(q, k, v, labels, num_labels, mode):
         return out, sums
     block_m = _pow2_block(T, 16, 64)
     block_n = _pow2_block(T, 16, 64)
-    block_d = _pow2_block(d_head, 16, 256)
-    grid = (triton.cdiv(T, block_m), B * H)
+    block_d = _pow2_block(d_head, 16, MAX_HEAD_DIM)
+    grid = (B * H, triton.cdiv(T, block_m))
     dot_precision, dot_upcast = _dot_options(q.dtype)
     _attention_label_stats_forward_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2), q.stride(3),

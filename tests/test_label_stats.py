@@ -298,6 +298,8 @@ def _bad_attention_cases():
         "k_other_device": ((q, k.to("meta"), v, y, K), {}, ValueError),
         "unknown_mode": ((q, k, v, y, K), {"mode": "pool"}, ValueError),
         "unknown_backend": ((q, k, v, y, K), {"backend": "flash"}, ValueError),
+        "triton_head_dim_too_large": (tuple(torch.randn(B, 1, 3, 257) for _ in range(3)) + (y, K),
+                                      {"backend": "triton"}, ValueError),
     }
 
 

@@ -34,6 +34,7 @@ MODES = ("pooled", "token")
 ACTIVATIONS = ("gelu", "none")
 BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_MAX_HEAD_DIM = 256   # = cctk.kernels.label_stats.MAX_HEAD_DIM (a head is one tile)
 
 
 # ----------------------------------------------------------------------------- torch twins
@@ -215,8 +216,8 @@ def attention_label_stats(q, k, v, labels, num_labels: int, mode: str = "pooled"
                           backend: str = "auto"):
     """MHA node outputs (flash-style attention) and their per-label statistics, fused.
 
-    ``q``, ``k``, ``v`` (B, H, T, d_h), same dtype/device; ``labels`` (B,) int64 in
-    [0, num_labels). Returns ``(out, sums, counts)``: out = softmax(q k^T / sqrt(d_h)) v
+    ``q``, ``k``, ``v`` (B, H, T, d_h), same dtype/device (Triton: d_h <= 256; ``"auto"`` takes
+    the torch twin beyond); ``labels`` (B,) int64 in [0, num_labels). Returns ``(out, sums, counts)``: out = softmax(q k^T / sqrt(d_h)) v
     (B, H, T, d_h); nodes n = h * d_h + j; ``mode="pooled"``: sums (K, H*d_h) of token means,
     ``mode="token"``: sums (K, T, H*d_h); sums fp32; counts (K,) int64.
     """
@@ -230,5 +231,11 @@ def attention_label_stats(q, k, v, labels, num_labels: int, mode: str = "pooled"
         _check_same(name, t, "q", q)
     _check_choice("mode", mode, MODES)
     check_labels(labels, num_labels, batch=q.shape[0], device=q.device)
-    op = _attention_triton_op if _resolve_backend(backend, q) == "triton" else _attention_op
+    resolved = _resolve_backend(backend, q)
+    if resolved == "triton" and q.shape[-1] > TRITON_MAX_HEAD_DIM:
+        if backend == "triton":
+            raise ValueError(f"backend='triton' supports head dims d_h <= {TRITON_MAX_HEAD_DIM}, got "
+                             f"{q.shape[-1]}; use backend='torch'")
+        resolved = "torch"
+    op = _attention_triton_op if resolved == "triton" else _attention_op
     return op(q, k, v, labels, num_labels, mode)
