@@ -339,3 +339,18 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert 0.0 <= m["test_accuracy"] <= 1.0
     assert (out / "checkpoint.pt").exists()
     assert proc.stdout.count("done: test accuracy") == 1   # only rank 0 reports
+
+
+def test_resume_extends_schedule_and_finished_run(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1, warmup_epochs=0, train_subset=64, test_subset=32)
+    first = train(cfg)
+    # resuming a finished run trains nothing more and reports the same final model
+    again = train(cfg.replace(resume="auto"))
+    assert again["epochs"] == 1 and again["test_accuracy"] == first["test_accuracy"]
+    # extending to 3 epochs continues with the longer cosine (not stuck at min_lr)
+    longer = train(cfg.replace(resume="auto", epochs=3))
+    assert longer["epochs"] == 3 and longer["resumed_from_epoch"] == 1
+    lrs = [r["lr"] for r in longer["history"]]
+    ref = WarmupCosine(cfg.lr, 0, 3 * 2, cfg.warmup_lr, cfg.min_lr)
+    assert lrs[1] == pytest.approx(ref.lr_at(4)) and lrs[1] > 10 * cfg.min_lr
+    assert lrs[2] == pytest.approx(cfg.min_lr)

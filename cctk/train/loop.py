@@ -425,7 +425,7 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
     wall_before = 0.0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        _restore_scheduler(scheduler, optimizer, ckpt["scheduler"], config)
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"])
@@ -567,6 +567,21 @@ def _epoch_line(r: Dict[str, Any], total: int) -> str:
     parts.append(f"lr {r['lr']:.2e}")
     parts.append(f"{r['epoch_time_s']:.1f} s")
     return "  ".join(parts)
+
+
+def _restore_scheduler(scheduler, optimizer, state: Dict[str, Any], config: TrainConfig) -> None:
+    """Continue the schedule at the checkpoint's step count, with the shape (lr, epochs,
+    warm-up, min_lr) of *this* run's config: identical when the config is unchanged, and a
+    run extended with a larger --epochs gets the longer cosine instead of the old one."""
+    fresh = scheduler.lr_lambdas[0]
+    shape = dict(fresh.__dict__)          # load_state_dict overwrites the lambda's fields
+    scheduler.load_state_dict(state)
+    fresh.__dict__.update(shape)
+    scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
+    step = scheduler.last_epoch
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * fresh(step)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _check_resumable(ckpt: Dict[str, Any], setup: Setup, path: str) -> None:
