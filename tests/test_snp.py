@@ -239,6 +239,10 @@ def test_stats_tap_keeps_the_forward_and_matches_explicit_sums():
             torch.testing.assert_close(stats.features[key], flat, rtol=1e-5, atol=1e-6)
         final = torch.stack([pooled[y == k].mean(0) for k in range(K)])
         torch.testing.assert_close(stats.means("final"), final, rtol=1e-4, atol=1e-5)
+        if mode == "token":                        # token statistics also give the pooled means
+            for key, nodes in rec.out.items():
+                expect = torch.stack([nodes.mean(1)[y == k].mean(0) for k in range(K)])
+                torch.testing.assert_close(stats.means(key, "pooled"), expect, rtol=1e-4, atol=1e-5)
 
 
 def test_stats_with_replaced_linear1_take_the_unfused_path():
@@ -296,3 +300,22 @@ def test_node_matrices_equal_explicit_field_means(mode):
         torch.testing.assert_close(M, explicit, rtol=1e-4, atol=1e-6)
         head = set_matrix(W, stats.means(key), slice(0, N // 2))
         torch.testing.assert_close(head, M[: N // 2].sum(0), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_readouts_learn_separable_features_and_are_seeded(optimizer):
+    from cctk.snp import ReadoutConfig, readout_accuracy, train_readouts
+    g = torch.Generator().manual_seed(0)
+    K, n = 4, 400
+    y = torch.arange(n) % K
+    centers = 3 * torch.randn(K, 6, generator=g)
+    feats = {(0, "mha"): centers[y] + torch.randn(n, 6, generator=g),
+             (0, "ff"): torch.randn(n, 9, generator=g)}               # pure noise
+    cfg = ReadoutConfig(epochs=15, optimizer=optimizer, lr=0.05, batch_size=64, seed=3)
+    readouts = train_readouts(feats, y, K, cfg)
+    acc = readout_accuracy(readouts, feats, y)
+    assert acc[(0, "mha")] > 0.95 and acc[(0, "ff")] < 0.6
+    again = train_readouts(feats, y, K, cfg)
+    assert torch.equal(again[(0, "mha")].weight, readouts[(0, "mha")].weight)
+    with pytest.raises(ValueError, match="optimizer"):
+        ReadoutConfig(optimizer="sgd")

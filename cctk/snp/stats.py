@@ -184,9 +184,16 @@ class LabelStats:
     features: dict = field(default_factory=dict)
     labels: Optional[torch.Tensor] = None
 
-    def means(self, key) -> torch.Tensor:
-        """Label-conditioned means sums / counts (zero rows for labels with no sample)."""
+    def means(self, key, mode: Optional[str] = None) -> torch.Tensor:
+        """Label-conditioned means sums / counts (zero rows for labels with no sample).
+
+        ``mode="pooled"`` on token statistics gives the pooled means (the token mean of the
+        token sums: sum_b mean_t h = (1/T) sum_t sum_b h), so one token pass serves both."""
         sums = self.final_sums if key == "final" else self.sums[key]
+        if mode not in (None, self.mode) and key != "final":
+            if mode != "pooled":
+                raise ValueError(f"{self.mode} statistics cannot give {mode!r} means")
+            sums = sums.mean(1)
         denom = self.counts.clamp(min=1).to(sums.dtype).view(-1, *([1] * (sums.dim() - 1)))
         return sums / denom
 
