@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,16 +17,17 @@ CHECKPOINT_FORMAT = "cctk-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the target directory, fsync, then ``os.replace``:
-    a reader sees either the old file or the complete new one, never a partial write."""
+def _atomic_write(path, mode: str, write: Callable[[Any], None]) -> None:
+    """Write through ``write(file)`` to a temporary file in the target directory, fsync, then
+    ``os.replace`` it over ``path``: a reader sees the old file or the complete new one, never a
+    partial write; on failure the temporary file is removed and ``path`` is untouched."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -36,22 +37,14 @@ def atomic_save(obj: Any, path: str) -> None:
         raise
 
 
-def atomic_write_text(text: str, path: str) -> None:
+def atomic_save(obj: Any, path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (temporary file + ``os.replace``)."""
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path) -> None:
     """Write ``text`` to ``path`` atomically (temporary file + ``os.replace``)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def capture_rng_state() -> Dict[str, Any]:

@@ -178,40 +178,29 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-_REF = "SHI-Labs/Compact-Transformers"
+#: What the reference recipes (SHI-Labs/Compact-Transformers configs/pretrained/*.yml) share:
+#: AdamW wd 6e-2, cosine to 1e-5 after 10 warm-up epochs, 300 + 10 cool-down epochs, label
+#: smoothing 0.1, AMP, RandomResizedCrop scale (0.8, 1) + flip + RandAugment rand-m9-mstd0.5-inc1,
+#: Mixup 0.8 / CutMix 1.0 (prob 1, switch 0.5, per batch), no random erasing (reprob 0).
+_REFERENCE_RECIPE: Dict[str, Any] = dict(
+    epochs=300, cooldown_epochs=10, min_lr=1e-5, warmup_epochs=10, weight_decay=6e-2,
+    label_smoothing=0.1, amp="auto",
+    crop="resized", crop_scale=(0.8, 1.0), hflip=0.5, randaugment="rand-m9-mstd0.5-inc1",
+    random_erasing=0.0, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
+    mixup_off_epoch=0,
+)
 
 #: Named presets: field overrides on top of TrainConfig's defaults.
 PRESETS: Dict[str, Dict[str, Any]] = {
     # reference: configs/pretrained/cct_7-3x1_cifar100_300epochs.yml (+ configs/datasets/cifar100.yml)
-    "cifar100": dict(
-        model="cct_7_3x1_32", dataset="cifar100", img_size=32,
-        epochs=300, cooldown_epochs=10, batch_size=128,
-        lr=6e-4, min_lr=1e-5, warmup_epochs=10, warmup_lr=1e-6, weight_decay=6e-2,
-        label_smoothing=0.1, amp="auto",
-        crop="resized", crop_scale=(0.8, 1.0), hflip=0.5, randaugment="rand-m9-mstd0.5-inc1",
-        random_erasing=0.0, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
-        mixup_off_epoch=0,
-    ),
+    "cifar100": dict(_REFERENCE_RECIPE, model="cct_7_3x1_32", dataset="cifar100", img_size=32,
+                     batch_size=128, lr=6e-4, warmup_lr=1e-6),
     # reference: configs/pretrained/cct_7-3x1_cifar10_300epochs.yml
-    "cifar10": dict(
-        model="cct_7_3x1_32", dataset="cifar10", img_size=32,
-        epochs=300, cooldown_epochs=10, batch_size=128,
-        lr=55e-5, min_lr=1e-5, warmup_epochs=10, warmup_lr=1e-5, weight_decay=6e-2,
-        label_smoothing=0.1, amp="auto",
-        crop="resized", crop_scale=(0.8, 1.0), hflip=0.5, randaugment="rand-m9-mstd0.5-inc1",
-        random_erasing=0.0, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
-        mixup_off_epoch=175,
-    ),
+    "cifar10": dict(_REFERENCE_RECIPE, model="cct_7_3x1_32", dataset="cifar10", img_size=32,
+                    batch_size=128, lr=55e-5, warmup_lr=1e-5, mixup_off_epoch=175),
     # reference: configs/pretrained/cct_7-7x2_flowers102.yml (model cct_7-7x2_sinePE_224)
-    "flowers102": dict(
-        model="cct_7_7x2_224_sine", dataset="flowers102", img_size=224,
-        epochs=300, cooldown_epochs=10, batch_size=96,
-        lr=5e-4, min_lr=1e-5, warmup_epochs=10, warmup_lr=1e-6, weight_decay=6e-2,
-        label_smoothing=0.1, amp="auto",
-        crop="resized", crop_scale=(0.8, 1.0), hflip=0.5, randaugment="rand-m9-mstd0.5-inc1",
-        random_erasing=0.0, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5,
-        mixup_off_epoch=0,
-    ),
+    "flowers102": dict(_REFERENCE_RECIPE, model="cct_7_7x2_224_sine", dataset="flowers102",
+                       img_size=224, batch_size=96, lr=5e-4, warmup_lr=1e-6),
     # this project's quick CPU recipe: 8x8 scikit-learn digits, small CCT, no augmentation.
     # One intra-op thread: the model's ops are tiny (16 tokens x 128), so threading only adds
     # synchronisation, and on a busy machine 2 threads per op were 16x slower than 1.
