@@ -204,7 +204,8 @@ def config_from_args(args: argparse.Namespace):
             base = TrainConfig().to_dict()
             source = "defaults"
         # a preset's model belongs to its dataset: --dataset X without --model uses X's default
-        if "dataset" in given and given["dataset"] != base["dataset"] and "model" not in given:
+        if ("dataset" in given and "model" not in given and given["dataset"] != base["dataset"]
+                and preset_for_dataset(given["dataset"]) != preset_for_dataset(base["dataset"])):
             base["model"] = None
             base["img_size"] = None
     base.update(given)

@@ -233,5 +233,12 @@ def get_preset(name: str, **overrides) -> TrainConfig:
 
 
 def preset_for_dataset(dataset: str) -> Optional[str]:
-    """The preset whose dataset is ``dataset`` (used for CLI defaults), or None."""
+    """The preset whose dataset is ``dataset`` (used for CLI defaults), or None. Spelling
+    variants cctk.data accepts ("CIFAR-100", "fmnist") find the same preset."""
+    try:
+        from cctk.data import canonical_name
+
+        dataset = canonical_name(dataset)
+    except Exception:  # unknown name: no preset; the run itself reports the bad name
+        pass
     return dataset if dataset in PRESETS else None
