@@ -56,7 +56,9 @@ def _kernels():
     """Define (once) and return the three @triton.jit kernels."""
     triton, tl = _triton()
 
-    @triton.jit
+    # Sizes that only enter masks and loop bounds are not specialised on (fewer compilations
+    # across row counts); strides stay specialised (16-divisibility enables wide loads).
+    @triton.jit(do_not_specialize=["M", "k_features", "n_features", "n_block_out"])
     def _bsr_linear_forward_kernel(
         a_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_ptr,
         M, k_features, n_features, n_block_out,
@@ -103,7 +105,7 @@ def _kernels():
         tl.store(out_ptr + offs_m[:, None] * stride_om + n[None, :] * stride_on,
                  acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "rows_per_split", "nnz", "out_features", "in_features"])
     def _bsr_linear_backward_weight_kernel(
         gout_ptr, x_ptr, brow_ptr, col_ptr, part_ptr,
         M, rows_per_split, nnz,
