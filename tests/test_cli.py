@@ -9,7 +9,9 @@ import pytest
 
 from cctk import cli, models
 
-SMALL = ["--train-subset", "96", "--test-subset", "48", "--batch-size", "32", "--no-progress"]
+# CPU everywhere: the tests compare accuracies across runs exactly
+SMALL = ["--train-subset", "96", "--test-subset", "48", "--batch-size", "32", "--no-progress",
+         "--device", "cpu"]
 
 
 def run_cli(argv, capsys):
@@ -95,14 +97,15 @@ def test_train_resume_eval(tmp_path, capsys):
     assert "preset 'digits'" in out
     # continue the same run to 2 epochs: the checkpoint's configuration + --epochs
     code, out, err = run_cli(["train", "--out", str(out_dir), "--resume", "--epochs", "2",
-                              "--no-progress"], capsys)
+                              "--no-progress", "--device", "cpu"], capsys)
     assert code == 0, err
     m2 = json.loads((out_dir / "metrics.json").read_text())
     assert m2["epochs"] == 2 and m2["resumed_from_epoch"] == 1
     assert m2["config"]["train_subset"] == 96 and m2["history"][0] == m["history"][0]
     # evaluate the checkpoint on the same test subset: same accuracy as the run measured
     code, out, err = run_cli(["eval", "--checkpoint", str(out_dir / "checkpoint.pt"),
-                              "--subset", "48", "--out", str(tmp_path / "eval.json")], capsys)
+                              "--subset", "48", "--device", "cpu",
+                              "--out", str(tmp_path / "eval.json")], capsys)
     assert code == 0, err
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["samples"] == 48 and ev["accuracy"] == m2["test_accuracy"]
@@ -110,7 +113,8 @@ def test_train_resume_eval(tmp_path, capsys):
 
 
 def test_demo_says_what_it_did(tmp_path, capsys):
-    code, out, err = run_cli(["demo", "--out", str(tmp_path), "--epochs", "1"], capsys)
+    code, out, err = run_cli(["demo", "--out", str(tmp_path), "--epochs", "1", "--device", "cpu"],
+                             capsys)
     assert code == 0, err
     assert "What happened" in out and "test images" in out and "%" in out
     m = json.loads((tmp_path / "metrics.json").read_text())
@@ -228,13 +232,14 @@ def test_dataset_options_reach_the_dataset_and_eval(tmp_path, capsys):
                               "--img-size", "8", "--dataset-options", "num_samples=40",
                               "--dataset-options", "num_classes=4", "--dataset-options",
                               "in_channels=1", "--epochs", "1", "--batch-size", "16",
-                              "--no-progress", "--out", str(out_dir)], capsys)
+                              "--no-progress", "--device", "cpu", "--out", str(out_dir)], capsys)
     assert code == 0, err
     m = json.loads((out_dir / "metrics.json").read_text())
     assert m["dataset_info"]["num_classes"] == 4 and m["dataset_info"]["train_size"] == 40
     assert m["config"]["dataset_options"] == {"num_samples": 40, "num_classes": 4, "in_channels": 1}
     # eval rebuilds the same synthetic test split from the checkpoint's options
-    code, out, err = run_cli(["eval", "--checkpoint", str(out_dir / "checkpoint.pt")], capsys)
+    code, out, err = run_cli(["eval", "--checkpoint", str(out_dir / "checkpoint.pt"),
+                              "--device", "cpu"], capsys)
     assert code == 0, err
     assert "synthetic/test (40 images)" in out
     assert f"accuracy {m['test_accuracy']:.4f}" in out

@@ -22,10 +22,10 @@ from cctk.train.loop import make_grad_scaler, train_one_epoch
 
 
 def tiny_config(out, **kw):
-    """Digits, small subsets, 1 thread, quiet."""
+    """Digits, small subsets, CPU (bit-exact comparisons), 1 thread, quiet."""
     base = get_preset("digits").to_dict()
     base.update(out=str(out), epochs=3, warmup_epochs=1, batch_size=32, train_subset=160,
-                test_subset=96, verbose=False, progress=False, cpu_threads=1)
+                test_subset=96, verbose=False, progress=False, cpu_threads=1, device="cpu")
     base.update(kw)
     return TrainConfig.from_dict(base)
 
@@ -354,3 +354,14 @@ def test_resume_extends_schedule_and_finished_run(tmp_path):
     ref = WarmupCosine(cfg.lr, 0, 3 * 2, cfg.warmup_lr, cfg.min_lr)
     assert lrs[1] == pytest.approx(ref.lr_at(4)) and lrs[1] > 10 * cfg.min_lr
     assert lrs[2] == pytest.approx(cfg.min_lr)
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_run_learns(tmp_path):
+    """On a GPU, amp="auto" trains under bf16 autocast; the checkpoint loads back on the CPU."""
+    m = train(tiny_config(tmp_path, device="cuda", amp="auto", epochs=3, train_subset=None,
+                          test_subset=None))
+    assert m["device"].startswith("cuda") and m["amp"] == "bfloat16"
+    assert m["test_accuracy"] > 0.6
+    model, ckpt = load_checkpoint(tmp_path / "checkpoint.pt", map_location="cpu")
+    assert next(model.parameters()).device.type == "cpu" and ckpt["epoch"] == 3
