@@ -319,3 +319,18 @@ def test_readouts_learn_separable_features_and_are_seeded(optimizer):
     assert torch.equal(again[(0, "mha")].weight, readouts[(0, "mha")].weight)
     with pytest.raises(ValueError, match="optimizer"):
         ReadoutConfig(optimizer="sgd")
+
+
+@pytest.mark.parametrize("mode", ["pooled", "token"])
+def test_stats_triton_backend_equals_torch(mode):
+    """The tap through the Triton kernels (interpreter on CPU) gives the torch backend's sums."""
+    pytest.importorskip("triton")
+    K = 5
+    model = _tiny_model(K)
+    x, y = _tiny_data(K, n=12)
+    loader = DataLoader(TensorDataset(x, y), batch_size=6)
+    ref = collect_label_stats(model, loader, K, mode=mode, backend="torch")
+    tri = collect_label_stats(model, loader, K, mode=mode, backend="triton")
+    assert tri.correct == ref.correct and torch.equal(tri.counts, ref.counts)
+    for key in ref.sums:
+        torch.testing.assert_close(tri.sums[key], ref.sums[key], rtol=1e-4, atol=1e-4)

@@ -55,11 +55,9 @@ def group_sizes(model) -> dict:
 
 
 def _fused_ops():
-    """(linear_label_stats, attention_label_stats) of cctk.ops."""
-    import cctk.ops as ops
-    if not hasattr(ops, "linear_label_stats"):      # not re-exported yet: the op module itself
-        from cctk.ops import label_stats as ops
-    return ops.linear_label_stats, ops.attention_label_stats
+    """(linear_label_stats, attention_label_stats) of cctk.ops (imported when first used)."""
+    from cctk.ops import attention_label_stats, linear_label_stats
+    return linear_label_stats, attention_label_stats
 
 
 def _is_plain_linear(module) -> bool:
