@@ -104,6 +104,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         extra = bench.extra_info or {}
         ratio_key = next((k for k in RATIO_KEYS if k in extra), None)
         ratio = f"{extra[ratio_key]:.2f}x {ratio_key}" if ratio_key and extra[ratio_key] is not None else ""
+        min_key = f"{ratio_key}_min"
+        if ratio and extra.get(min_key) is not None:
+            ratio += f" (fastest rounds: {extra[min_key]:.2f}x)"
         provider = extra.get("provider") or bench.name.split("[", 1)[-1].rstrip("]")
         rows.append((bench.group or "", provider, _fmt_time(bench.stats.median), ratio))
     if not rows:

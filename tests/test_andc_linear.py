@@ -111,6 +111,16 @@ def test_block_sizes_and_row_counts_fp32(B, rows):
     _check_against_dense(lin, mod, torch.randn(rows, 100), torch.float32)
 
 
+@pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streaming_store_path(monkeypatch, dtype):
+    """Outputs above CCTK_BSR_STREAM bytes are written with non-temporal stores (here: all)."""
+    monkeypatch.setenv("CCTK_BSR_STREAM", "0")
+    for in_f, out_f, B in ((64, 128, 32), (50, 70, 16)):  # aligned rows, and ragged ones (plain stores)
+        lin, mod, _ = _pair(in_f, out_f, B, dtype=dtype)
+        _check_against_dense(lin, mod, torch.randn(37, in_f).to(dtype), dtype)
+
+
 def test_no_bias_and_all_false_mask():
     lin, mod, _ = _pair(40, 36, 16, bias=False)
     _check_against_dense(lin, mod, torch.randn(11, 40), torch.float32)

@@ -19,6 +19,10 @@
 // chunks of tokens (so the chunk stays in cache) and, inside a chunk, in parallel over (kept
 // block, tile of a); the accumulators live in registers over the chunk's tokens.
 //
+// Outputs of at least CCTK_BSR_STREAM bytes (env, default 16 MiB: larger than the L2s, so the
+// output leaves the cache anyway) are written with non-temporal stores, which skip the
+// read-for-ownership of every output line.
+//
 // Code paths (csrc/cpu/cpu_features.h, env CCTK_CPU_CAPABILITY caps them): AVX-512 (fp32; bf16
 // by fp32 conversion), AVX-512-BF16 (bf16 via _mm512_dpbf16_ps), AVX2+FMA (fp32; bf16 by
 // conversion), and a portable scalar loop for every dtype (float64 and float16 always use it).
@@ -57,6 +61,7 @@ struct BsrGemm {
   int64_t n_out_blocks; // ceil(out_cols / B)
   const int32_t* ptr;   // n_out_blocks + 1
   const int32_t* idx;   // input block of each entry
+  bool stream_out;      // large output: write it with non-temporal stores (no read-for-ownership)
 };
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -168,6 +173,13 @@ CCTK_AVX512 inline void mk_f32_avx512(const BsrGemm& g, const float* x, const fl
       }
     }
   }
+  if (g.stream_out && ow == B && ((reinterpret_cast<uintptr_t>(out + ob * B) | (ldo * 4)) & 63) == 0) {
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) _mm512_stream_ps(out + i * ldo + ob * B + 16 * v, acc[i][v]);
+    return;
+  }
 #pragma GCC unroll 32
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
@@ -235,6 +247,15 @@ CCTK_AVX512BF16 inline void mk_bf16_avx512(const BsrGemm& g, const uint16_t* x, 
           acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)xv, (__m512bh)w[v]);
       }
     }
+  }
+  if (NV >= 2 && g.stream_out && ow == B && ((reinterpret_cast<uintptr_t>(out + ob * B) | (ldo * 2)) & 63) == 0) {
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v)
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(out + i * ldo + ob * B + 16 * v),
+                            (__m256i)_mm512_cvtneps_pbh(acc[i][v]));
+    return;
   }
 #pragma GCC unroll 32
   for (int i = 0; i < MR; ++i)
@@ -320,9 +341,15 @@ void drive_tiles(const BsrGemm& g, const T* in, T* out, Micro micro) {
       }
       for (int64_t ob = ob0; ob < ob1; ++ob)
         for (int64_t t = t0; t < t1; ++t) {
-          if (ragged && t == n_tiles - 1) micro(pin.data(), ob, pout.data());
-          else micro(in + t * MR * g.in_cols, ob, out + t * MR * g.out_cols);
+          if (ragged && t == n_tiles - 1) {
+            micro(pin.data(), ob, pout.data());
+            continue;
+          }
+          micro(in + t * MR * g.in_cols, ob, out + t * MR * g.out_cols);
         }
+#ifdef CCTK_X86
+      if (g.stream_out) _mm_sfence();
+#endif
       if (ragged) {
         const int64_t c0 = ob0 * B, c1 = std::min(g.out_cols, ob1 * B);
         for (int64_t i = 0; i < rem; ++i)
@@ -453,7 +480,10 @@ at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const 
       return out;
     }
   }
-  BsrGemm g{M, in_cols, out_cols, B, n_out_blocks, ptr.data_ptr<int32_t>(), idx.data_ptr<int32_t>()};
+  const char* env_stream = std::getenv("CCTK_BSR_STREAM");
+  const int64_t stream_bytes = env_stream ? std::atoll(env_stream) : (int64_t(16) << 20);
+  const bool stream_out = M * out_cols * static_cast<int64_t>(in.element_size()) >= stream_bytes;
+  BsrGemm g{M, in_cols, out_cols, B, n_out_blocks, ptr.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), stream_out};
   const int32_t* pperm = forward ? nullptr : perm.data_ptr<int32_t>();
   const Capability cap = cpu::detect();
   const auto st = in.scalar_type();
