@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -431,6 +432,11 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
         history = list(ckpt["metrics"].get("history", []))
         wall_before = float(ckpt["metrics"].get("wall_time_s", 0.0))
         restore_rng_state(ckpt["rng"])
+        was = (ckpt.get("sampler") or {}).get("world_size")
+        if was is not None and was != ctx.world_size and ctx.is_main:
+            warnings.warn(f"resuming a run of {was} process(es) with {ctx.world_size}: the "
+                          f"data order (and so the weights) will differ from an uninterrupted "
+                          f"run", RuntimeWarning, stacklevel=2)
 
     out = config.out
     log_path = os.path.join(out, METRICS_LOG_NAME)
