@@ -34,6 +34,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
@@ -44,6 +45,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <tuple>
@@ -63,8 +65,6 @@ constexpr int kWgradSimtRows = 32;    // same, FFMA weight gradient
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ double to_float(double v) { return v; }
 
 template <typename T>
 __device__ __forceinline__ T from_acc(float v);
@@ -72,13 +72,20 @@ template <>
 __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) { return v; }
 
-// at:: scalar types -> CUDA native types with the same bits.
-template <typename T> struct Native { using type = T; };
-template <> struct Native<at::Half> { using type = __half; };
-template <> struct Native<at::BFloat16> { using type = __nv_bfloat16; };
+// Two rounded 16-bit values in one 32-bit word (lo in the low half: memory order).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  return uint32_t(__half_as_ushort(__float2half_rn(lo))) | (uint32_t(__half_as_ushort(__float2half_rn(hi))) << 16);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+}
+
 
 // Copy 8 consecutive 16-bit elements a[k .. k+8) of one row into shared memory, zero-filling past
 // k_lim (or everything when the row is out of range). 16-byte vector load when allowed.
@@ -121,7 +128,7 @@ bsr_gather_mma_kernel(const NT* __restrict__ a, int64_t lda, const NT* __restric
                       const int* __restrict__ ptr, const int* __restrict__ idx, const int* __restrict__ perm,
                       const int* __restrict__ order, const NT* __restrict__ bias, NT* __restrict__ out,
                       int64_t ldo, int64_t M, int64_t k_features, int64_t n_features, int n_block_out,
-                      int n_groups, bool vec_ok) {
+                      int n_groups, bool vec_ok, bool vec_out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
   using S = GatherMmaSmem<NT, B, WARPS_M>;
@@ -219,7 +226,8 @@ bsr_gather_mma_kernel(const NT* __restrict__ a, int64_t lda, const NT* __restric
     __syncthreads();
   }
 
-  // ---- epilogue: fragments -> smem (fp32) -> bias, rounding, bounds-checked coalesced stores
+  // ---- epilogue: fragments -> smem (fp32) -> bias, rounding, bounds-checked stores of 8 elements
+  //      (one 16-byte store when aligned and inside out_features)
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -227,17 +235,34 @@ bsr_gather_mma_kernel(const NT* __restrict__ a, int64_t lda, const NT* __restric
       wmma::store_matrix_sync(cs + size_t(warp * 32 + mi * 16) * LDC + f * 16, acc[mi][f], LDC,
                               wmma::mem_row_major);
   __syncthreads();
-  for (int c = threadIdx.x; c < BM * kCols; c += THREADS) {
-    const int row = c / kCols, col = c % kCols;
+  constexpr int C8 = kCols / 8;  // 8-column chunks (never straddle two output blocks: B >= 16)
+  for (int c = threadIdx.x; c < BM * C8; c += THREADS) {
+    const int row = c / C8, col = (c % C8) * 8;
     const int g = col / B, b = col % B;
     const int q = group * G + g;
     const int64_t gm = m0 + row;
     if (q >= n_block_out || gm >= M) continue;
     const int64_t n = int64_t(order[q]) * B + b;
     if (n >= n_features) continue;
-    float val = cs[row * LDC + col];
-    if (bias != nullptr) val += to_float(bias[n]);
-    out[gm * ldo + n] = from_acc<NT>(val);
+    const float4 lo = *reinterpret_cast<const float4*>(cs + row * LDC + col);
+    const float4 hi = *reinterpret_cast<const float4*>(cs + row * LDC + col + 4);
+    float acc8[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    if (bias != nullptr) {
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+        if (n + t < n_features) acc8[t] += to_float(bias[n + t]);
+    }
+    NT* dst = out + gm * ldo + n;
+    if (vec_out && n + 8 <= n_features) {
+      // one 16-byte store: 8 rounded values packed in pairs
+      // (__stcg: a plain uint4 assignment was split into four 32-bit stores by NVVM)
+      __stcg(reinterpret_cast<uint4*>(dst), make_uint4(pack2<NT>(acc8[0], acc8[1]), pack2<NT>(acc8[2], acc8[3]),
+                                                       pack2<NT>(acc8[4], acc8[5]), pack2<NT>(acc8[6], acc8[7])));
+    } else {
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+        if (n + t < n_features) dst[t] = from_acc<NT>(acc8[t]);
+    }
   }
 #else
   __trap();  // launched only on compute capability >= 8.0 (checked on the host)
@@ -578,28 +603,48 @@ at::Tensor compute_order(const at::Tensor& ptr) {
   return std::get<1>(counts.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).to(at::kInt);
 }
 
+// A cached order computed on one stream and used on another: the user's stream waits for the
+// event recorded after its computation, and the tensor is marked used there (record_stream), so
+// neither a read-before-write nor a reuse of its memory after eviction can race.
+struct OrderEntry {
+  at::Tensor order;
+  cudaStream_t stream;
+  std::shared_ptr<at::cuda::CUDAEvent> ready;
+};
+
 at::Tensor block_order(const at::Tensor& ptr) {
   static std::mutex mu;
-  static std::unordered_map<OrderKey, at::Tensor, OrderKeyHash> cache;
+  static std::unordered_map<OrderKey, OrderEntry, OrderKeyHash> cache;
   static std::list<OrderKey> fifo;
   constexpr size_t kCap = 256;
+  auto cur = at::cuda::getCurrentCUDAStream();
   // Never cache inside CUDA graph capture: the tensors would live in the graph's private pool.
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
+  C10_CUDA_CHECK(cudaStreamIsCapturing(cur.stream(), &capture));
   if (capture != cudaStreamCaptureStatusNone) return compute_order(ptr);
   OrderKey key{ptr.data_ptr(), ptr.numel(), ptr._version(), int(ptr.device().index())};
+  std::optional<OrderEntry> hit;
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
+    if (it != cache.end()) hit = it->second;
+  }
+  if (hit) {
+    if (hit->stream != cur.stream()) {
+      hit->ready->block(cur);
+      hit->order.record_stream(cur);
+    }
+    return hit->order;
   }
   at::Tensor order = compute_order(ptr);
+  auto ready = std::make_shared<at::cuda::CUDAEvent>();
+  ready->record(cur);
   std::lock_guard<std::mutex> lock(mu);
   if (cache.size() >= kCap) {
     cache.erase(fifo.front());
     fifo.pop_front();
   }
-  if (cache.emplace(key, order).second) fifo.push_back(key);
+  if (cache.emplace(key, OrderEntry{order, cur.stream(), ready}).second) fifo.push_back(key);
   return order;
 }
 
@@ -627,6 +672,7 @@ void launch_gather(const at::Tensor& a, const at::Tensor& values, const at::Tens
 
   if (tensor_cores_ok(a)) {
     const bool vec_ok = (a.stride(0) % 8 == 0) && is_aligned16(a.data_ptr());
+    const bool vec_out = (out.stride(0) % 8 == 0) && is_aligned16(out.data_ptr());
     // 128-token tiles when they give >= 2 CTAs per SM, else 32-token tiles (more, smaller CTAs).
     const int64_t ctas128 = ((M + 127) / 128) * n_groups;
     const bool big = ctas128 >= 2 * sm_count(a);
@@ -644,7 +690,7 @@ void launch_gather(const at::Tensor& a, const at::Tensor& values, const at::Tens
           reinterpret_cast<const NT*>(a.data_ptr()), a.stride(0), reinterpret_cast<const NT*>(values.data_ptr()),
           ptr.data_ptr<int>(), idx.data_ptr<int>(), perm_p, order.data_ptr<int>(),
           bias ? reinterpret_cast<const NT*>(bias->data_ptr()) : nullptr, reinterpret_cast<NT*>(out.data_ptr()),
-          out.stride(0), M, k_features, n_features, n_block_out, n_groups, vec_ok);
+          out.stride(0), M, k_features, n_features, n_block_out, n_groups, vec_ok, vec_out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     auto by_block = [&](auto nt_tag, auto wm_tag) {
