@@ -7,7 +7,9 @@
 # Needs: one CUDA GPU, python3 with torch (CUDA build), triton, pytest, nvcc (CUDA toolkit); no
 # internet. Fits in ~8 minutes: build <= 200 s (sm_90 only unless TORCH_CUDA_ARCH_LIST is set),
 # tests <= 150 s, benchmarks get the rest of GPU_CHECK_BUDGET (default 450 s in all).
-# Writes into OUT_DIR: build.log, tests.log, bench.log, results.json, table.txt, check.log.
+# Writes into OUT_DIR: build.log, tests.log, bench.log, bench_stdout.log, results.json, table.txt,
+# check.log (+ sanitize.log with GPU_CHECK_SANITIZE=1: compute-sanitizer memcheck/racecheck of
+# small calls of the ext ops, ~1-2 extra minutes; raise GPU_CHECK_BUDGET to keep the bench time).
 # --dry-run: no build, the CPU smoke run of the benchmark script (tests skip without a GPU).
 set -u -o pipefail
 
@@ -92,6 +94,38 @@ case "$EXT_INFO" in
     *"'cuda_kernels': True"*) ;;
     *) [ "$DRY" = 0 ] && BUILD_STATUS="$BUILD_STATUS; !! NO CUDA KERNELS IN cctk._C" ;;
 esac
+
+# ---- optional: compute-sanitizer (memcheck, racecheck) over small calls of the three ext ops
+if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] && [ "$DRY" = 0 ]; then
+    SAN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null || true)
+    if [ -n "$SAN" ]; then
+        cat > "$OUT_DIR/sanitize_ops.py" <<'PYEOF'
+import importlib, torch, cctk
+bl = importlib.import_module("cctk.ops.bsr_linear")
+for dtype in (torch.bfloat16, torch.float32):
+    for (i, o, B, M) in ((40, 72, 16, 33), (44, 100, 32, 5), (96, 80, 64, 130)):
+        g = torch.Generator().manual_seed(0)
+        mask = (torch.rand(-(-o // B), -(-i // B), generator=g) < 0.5).cuda()
+        w = torch.randn(o, i, device="cuda", dtype=dtype)
+        v, crow, col = bl.dense_to_bsr(w, mask, B)
+        x = torch.randn(M, i, device="cuda", dtype=dtype, requires_grad=True)
+        v.requires_grad_(True)
+        y = bl.bsr_linear(x, v, crow, col, None, o, backend="ext")
+        y.backward(torch.randn_like(y))
+torch.cuda.synchronize()
+print("sanitized calls done")
+PYEOF
+        for tool in memcheck racecheck; do
+            log "compute-sanitizer --tool $tool (small ext calls)"
+            timeout 120 "$SAN" --tool $tool --print-limit 20 --kernel-name kns=bsr_ \
+                $PY "$OUT_DIR/sanitize_ops.py" >> "$OUT_DIR/sanitize.log" 2>&1
+            log "  $tool rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT_DIR/sanitize.log" | tail -1)"
+        done
+        rm -f "$OUT_DIR/sanitize_ops.py"
+    else
+        log "GPU_CHECK_SANITIZE=1 but no compute-sanitizer found"
+    fi
+fi
 
 # ---- tests
 XDIST=""
