@@ -49,3 +49,16 @@ def test_run_pipeline_digits_tiny(tmp_path):
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
     assert ckpt["metrics"]["test_accuracy"] == pytest.approx(on_disk["andc_accuracy"])
+    # the classifier sets recomputed at the SNP threshold equal the SNP pass's final_recognized
+    from cctk.prune.andc import final_stream_means, final_stream_sets
+    from cctk.prune.pipeline import _train_split_loader
+    from cctk.snp import load_recognized
+    from cctk.train import load_checkpoint
+
+    dense, dck = load_checkpoint(str(out / "train" / "checkpoint.pt"))
+    means = final_stream_means(dense, _train_split_loader(dck["dataset"], None, 256), 10)
+    snp_final = torch.as_tensor(load_recognized(str(out / "snp"))["final_recognized"])
+    assert torch.equal(final_stream_sets(dense, means, 0.3), snp_final)
+    scan = on_disk["classifier_scan"]
+    dens = [r["classifier_density"] for r in scan]
+    assert dens == sorted(dens, reverse=True)  # a higher threshold keeps fewer weights

@@ -26,6 +26,7 @@ install the masks as :class:`MaskedLinear` layers (convert to ANDCLinear with
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Union
@@ -54,6 +55,8 @@ __all__ = [
     "prune_andc",
     "prune_magnitude",
     "apply_masks",
+    "final_stream_means",
+    "final_stream_sets",
 ]
 
 Density = Union[float, Mapping[str, float]]
@@ -289,16 +292,22 @@ def _andc_masks(model: nn.Module, sets: RecognizedSets, block_size: int, density
 
 def prune_andc(model: nn.Module, sets: Union[RecognizedSets, str, Path, Mapping], block_size: int = 32,
                density: Optional[Density] = 0.25, tau: Optional[float] = None, min_overlap: int = 1,
-               order: str = "auto", permute: bool = True, prune_classifier: bool = True):
+               order: str = "auto", permute: bool = True, prune_classifier: bool = True,
+               classifier_sets: Optional[torch.Tensor] = None):
     """ANDC-prune a copy of ``model``; returns (pruned model with MaskedLinear layers, PrunePlan).
 
     ``density`` (float or {layer name: float}) or ``tau`` selects the block-mask rule (give one;
     with tau set, density is ignored). ``order``: "dominant", "lexicographic", "identity" or
     "auto" (try the first three, keep the one whose block masks capture the largest share of
-    the kept connections' score over all layers).
+    the kept connections' score over all layers). ``classifier_sets`` (d, K) replaces the SNP's
+    final-stream sets (e.g. :func:`final_stream_sets` at another threshold).
     """
     if not isinstance(sets, RecognizedSets):
         sets = RecognizedSets.from_snp(sets, num_blocks=len(model.blocks))
+    if classifier_sets is not None:
+        if tuple(classifier_sets.shape) != tuple(sets.final.shape):
+            raise ValueError(f"classifier_sets must have shape {tuple(sets.final.shape)}, got {tuple(classifier_sets.shape)}")
+        sets = dataclasses.replace(sets, final=classifier_sets.to(torch.bool).cpu())
     if len(sets.ff) != len(model.blocks):
         raise ValueError(f"label sets describe {len(sets.ff)} blocks, the model has {len(model.blocks)}")
     if tau is not None:
@@ -373,3 +382,35 @@ def apply_masks(model: nn.Module, plan: PrunePlan) -> nn.Module:
         fc = model.get_submodule("classifier.fc")
         _set_submodule(model, "classifier.fc", MaskedLinear.from_linear(fc, mask=plan.classifier_mask))
     return model
+
+
+@torch.no_grad()
+def final_stream_means(model: nn.Module, loader, num_labels: int, device="cpu") -> torch.Tensor:
+    """Zbar[k, n] = mean over the samples of label k of p_n(x), the pooled vector after the final
+    LayerNorm (the classifier's input), over ``loader``."""
+    device = torch.device(device)
+    was = model.training
+    model.eval().to(device)
+    sums = torch.zeros(num_labels, model.embed_dim, dtype=torch.float64)
+    counts = torch.zeros(num_labels, dtype=torch.float64)
+    try:
+        for x, y in loader:
+            p = model.forward_features(x.to(device)).double().cpu()
+            sums.index_add_(0, y.cpu(), p)
+            counts += torch.bincount(y.cpu(), minlength=num_labels).double()
+    finally:
+        model.train(was)
+    return (sums / counts.clamp_min(1)[:, None]).float()
+
+
+def final_stream_sets(model: nn.Module, means: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Recognised sets (d, K) of the final-stream nodes at ``threshold``, the model's own head as
+    the readout: f_{n,c}(x) = fc.W[c, n] p_n(x), M_n[k, c] = fc.W[c, n] Zbar[k, n], analysed by
+    ``cctk.snp.analyze_group`` (normalise by the max, threshold, diagonal), exactly as the SNP
+    pass does for its ``final_recognized`` (which uses the SNP threshold)."""
+    from cctk.snp import analyze_group
+
+    fc = model.get_submodule("classifier.fc")
+    W = (fc.masked_weight() if hasattr(fc, "masked_weight") else fc.weight).detach().float().cpu()
+    analysis = analyze_group(W, means.float().cpu(), threshold)
+    return torch.as_tensor(analysis.recognized).to(torch.bool)

@@ -3,7 +3,8 @@ masks fixed, conversion of every encoder linear to ANDCLinear.
 
     cctk prune --checkpoint CKPT --snp DIR --density 0.25 --block-size 32 --finetune-epochs N
                --method andc|magnitude --out DIR [--tau T] [--min-overlap M] [--lr LR]
-               [--order auto|dominant|lexicographic|identity] [--data-dir D] [--device DEV]
+               [--order auto|dominant|lexicographic|identity] [--classifier-threshold TH]
+               [--data-dir D] [--device DEV]
 
 ANDC needs the `cctk snp` output directory of the same checkpoint (recognised label sets).
 Magnitude with --snp keeps, per layer, as many blocks as ANDC would (same per-layer densities,
@@ -38,8 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", default="auto", choices=("auto", "dominant", "lexicographic", "identity"),
                    help="node order used to gather kept connections into blocks")
     p.add_argument("--no-classifier", action="store_true", help="leave the classifier dense")
-    p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs (masks fixed)")
-    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning peak learning rate (AdamW, cosine)")
+    p.add_argument("--classifier-threshold", type=float, default=None,
+                   help="threshold of the classifier's ANDC (final-stream node matrices from the model's own "
+                        "head, measured on the training split); default: the SNP run's sets (its threshold)")
+    p.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (masks fixed)")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate (AdamW, cosine to lr/10)")
     p.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch size")
     p.add_argument("--data-dir", default=None, help="dataset directory (default: the checkpoint's)")
     p.add_argument("--subset", type=int, default=None, help="use only the first N samples of each split")
@@ -80,14 +84,25 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"dataset of {args.checkpoint}: {exc}") from exc
     if sets is not None and sets.num_labels != num_classes:
         raise ConfigError(f"the SNP sets have {sets.num_labels} labels, the dataset {num_classes}")
+    classifier_sets = None
+    if args.classifier_threshold is not None:
+        if sets is None:
+            raise ConfigError("--classifier-threshold needs --snp")
+        if not 0 <= args.classifier_threshold < 1:
+            raise ConfigError(f"--classifier-threshold must lie in [0, 1), got {args.classifier_threshold}")
+        from cctk.prune.andc import final_stream_means, final_stream_sets
+
+        means = final_stream_means(model, train_loader, num_classes, device)
+        classifier_sets = final_stream_sets(model, means, args.classifier_threshold)
     dense_acc = evaluate(model.to(device), test_loader, device)["accuracy"]
     print(f"dense model: accuracy {dense_acc:.4f}")
     pruned, plan, record = prune_and_finetune(
         model, args.method, sets, train_loader, test_loader, block_size=args.block_size,
         density=args.density, tau=args.tau, min_overlap=args.min_overlap, order=args.order,
         finetune_epochs=args.finetune_epochs, lr=args.lr, device=device, log=print,
-        classifier=not args.no_classifier)
+        classifier=not args.no_classifier, classifier_sets=classifier_sets)
     record["dense_accuracy"] = dense_acc
+    record["classifier_threshold"] = args.classifier_threshold
     record["checkpoint"] = os.path.abspath(os.path.join(args.out, "checkpoint.pt"))
     record["source_checkpoint"] = os.path.abspath(args.checkpoint)
     record["snp"] = os.path.abspath(args.snp) if args.snp else None

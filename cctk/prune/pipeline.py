@@ -27,11 +27,14 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-__all__ = ["run_pipeline", "DEFAULT_BLOCK_SIZE", "DEFAULT_DENSITY", "SWEEP_DENSITIES"]
+__all__ = ["run_pipeline", "DEFAULT_BLOCK_SIZE", "DEFAULT_DENSITY", "SWEEP_DENSITIES",
+           "DEFAULT_CLASSIFIER_THRESHOLD", "CLASSIFIER_SCAN"]
 
 DEFAULT_BLOCK_SIZE = {"digits": 16, "fashion-mnist": 16}
 DEFAULT_DENSITY = 0.5
 SWEEP_DENSITIES = (0.75, 0.5, 0.25, 0.125)
+DEFAULT_CLASSIFIER_THRESHOLD = 0.6
+CLASSIFIER_SCAN = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def _device(device) -> torch.device:
@@ -50,16 +53,28 @@ def _json_default(o):
 
 def run_pipeline(out_dir: str, dataset: str = "digits", epochs: Optional[int] = None,
                  density: float = DEFAULT_DENSITY, block_size: Optional[int] = None,
-                 finetune_epochs: int = 3, data_dir: Optional[str] = None, device=None,
-                 sweep: Sequence[float] = SWEEP_DENSITIES, sweep_finetune_epochs: int = 1,
-                 lr: float = 3e-4, seed: int = 0, snp_split: str = "train", snp_readout_epochs: int = 10,
-                 null_draws: int = 1000, threshold: float = 0.3, train_subset: Optional[int] = None,
+                 finetune_epochs: int = 5, data_dir: Optional[str] = None, device=None,
+                 sweep: Sequence[float] = SWEEP_DENSITIES, sweep_finetune_epochs: int = 2,
+                 lr: float = 1e-3, seed: int = 0, snp_split: str = "train", snp_readout_epochs: int = 10,
+                 null_draws: int = 1000, threshold: float = 0.3,
+                 classifier_threshold: Optional[float] = DEFAULT_CLASSIFIER_THRESHOLD,
+                 classifier_scan: Sequence[float] = CLASSIFIER_SCAN, train_subset: Optional[int] = None,
                  test_subset: Optional[int] = None, bench_batch: int = 32, verbose: bool = True,
                  report: bool = True) -> Dict[str, Any]:
     """Run everything (see the module docstring); returns the summary dict (also written to
-    ``out_dir/summary.json``). ``epochs``: training epochs (None: the dataset preset's)."""
+    ``out_dir/summary.json``). ``epochs``: training epochs (None: the dataset preset's).
+
+    ``threshold`` is the SNP threshold (SCIENCE.md's 0.3): it gives the label sets of every
+    hidden node. ``classifier_threshold`` (None: the SNP's) thresholds the final-stream node
+    matrices for the classifier's ANDC; the demo uses 0.6 because at 0.3 the digits model's
+    classifier keeps about a third of its weights, and ``classifier_scan`` records, for each
+    threshold, the classifier density and the accuracy of the dense model with only its
+    classifier pruned (no fine-tuning).
+    """
     from cctk import snp as snp_mod
-    from cctk.prune.andc import RecognizedSets
+    from cctk.prune.andc import (PrunePlan, RecognizedSets, apply_masks, final_stream_means,
+                                 final_stream_sets)
+    from cctk.prune.masks import classifier_keep
     from cctk.prune.convert import density_summary, save_pruned, to_masked_dense
     from cctk.prune.finetune import images_per_second
     from cctk.prune.workflow import data_loaders, prune_and_finetune
@@ -112,6 +127,19 @@ def run_pipeline(out_dir: str, dataset: str = "digits", epochs: Optional[int] = 
     sets = RecognizedSets.from_snp(result, num_blocks=model.num_blocks)
     step("snp", t0)
 
+    # classifier ANDC threshold: the scan, and the sets used for pruning
+    say("    classifier ANDC vs threshold (dense encoder, no fine-tuning):", flush=True)
+    means = final_stream_means(model, analysed_loader, K, dev)
+    scan_rows = []
+    for th in classifier_scan:
+        cs = final_stream_sets(model, means, th)
+        only_cls = apply_masks(copy.deepcopy(model).cpu(), PrunePlan(
+            method="andc", block_size=B, block_masks={}, classifier_mask=classifier_keep(cs))).to(dev)
+        acc_th = evaluate(only_cls, test_loader, dev)["accuracy"]
+        scan_rows.append({"threshold": th, "classifier_density": float(cs.double().mean()), "accuracy": acc_th})
+        say(f"      theta {th:.2f}: classifier density {scan_rows[-1]['classifier_density']:.3f}, accuracy {acc_th:.4f}")
+    classifier_sets = None if classifier_threshold is None else final_stream_sets(model, means, classifier_threshold)
+
     # 3-4. ANDC and magnitude at the same densities, fine-tuned -------------------------------
     say(f"[3/6] ANDC pruning at density {density} (block {B}) and block-magnitude pruning at the "
         f"same per-layer densities, each fine-tuned {finetune_epochs} epoch(s) ...", flush=True)
@@ -120,7 +148,7 @@ def run_pipeline(out_dir: str, dataset: str = "digits", epochs: Optional[int] = 
     for method in ("andc", "magnitude"):
         pruned, plan, rec = prune_and_finetune(model, method, sets, train_loader, test_loader, block_size=B,
                                                density=density, finetune_epochs=finetune_epochs, lr=lr,
-                                               device=dev, log=say)
+                                               device=dev, log=say, classifier_sets=classifier_sets)
         path = os.path.join(out_dir, method, "checkpoint.pt")
         save_pruned(pruned.cpu(), plan, path, source_checkpoint=ckpt,
                     metrics={"test_accuracy": rec["accuracy"], "dense_accuracy": dense_acc})
@@ -154,7 +182,7 @@ def run_pipeline(out_dir: str, dataset: str = "digits", epochs: Optional[int] = 
         for method in ("andc", "magnitude"):
             _, _, rec = prune_and_finetune(model, method, sets, train_loader, test_loader, block_size=B,
                                            density=d, finetune_epochs=sweep_finetune_epochs, lr=lr,
-                                           device=dev, convert=False)
+                                           device=dev, convert=False, classifier_sets=classifier_sets)
             sweep_rows.append({"method": method, "target_density": d, "linear_density": rec["linear_density"],
                                "classifier_density": rec["classifier_density"],
                                "accuracy_before_finetune": rec["accuracy_before_finetune"],
@@ -176,6 +204,9 @@ def run_pipeline(out_dir: str, dataset: str = "digits", epochs: Optional[int] = 
         "finetune_lr": lr,
         "snp_split": snp_split,
         "snp_threshold": threshold,
+        "classifier_threshold": classifier_threshold if classifier_threshold is not None else threshold,
+        "classifier_scan": scan_rows,
+        "sweep_finetune_epochs": sweep_finetune_epochs,
         "dense_accuracy": dense_acc,
         "andc_accuracy": andc_rec["accuracy"],
         "andc_accuracy_before_finetune": andc_rec["accuracy_before_finetune"],

@@ -42,7 +42,7 @@ def data_loaders(dataset: dict, data_dir: Optional[str] = None, batch_size: int 
 
 def prune_model(model: nn.Module, method: str, sets: Optional[RecognizedSets] = None, block_size: int = 32,
                 density: Optional[float] = 0.25, tau: Optional[float] = None, min_overlap: int = 1,
-                order: str = "auto", classifier: bool = True):
+                order: str = "auto", classifier: bool = True, classifier_sets: Optional[torch.Tensor] = None):
     """(pruned model with MaskedLinear layers, plan). ``magnitude`` with ``sets`` given matches the
     ANDC plan's per-layer block counts and classifier kept count (same densities); without
     sets it uses ``density`` everywhere and leaves the classifier dense."""
@@ -52,10 +52,12 @@ def prune_model(model: nn.Module, method: str, sets: Optional[RecognizedSets] = 
         if sets is None:
             raise ValueError("ANDC pruning needs the SNP label sets (`cctk snp` output directory)")
         return prune_andc(model, sets, block_size=block_size, density=density, tau=tau,
-                          min_overlap=min_overlap, order=order, prune_classifier=classifier)
+                          min_overlap=min_overlap, order=order, prune_classifier=classifier,
+                          classifier_sets=classifier_sets)
     if sets is not None:
         _, ref = prune_andc(model, sets, block_size=block_size, density=density, tau=tau,
-                            min_overlap=min_overlap, order=order, prune_classifier=classifier)
+                            min_overlap=min_overlap, order=order, prune_classifier=classifier,
+                            classifier_sets=classifier_sets)
         cls_kept = int(ref.classifier_mask.sum()) if ref.classifier_mask is not None else None
         return prune_magnitude(model, block_size, blocks_kept=ref.blocks_kept(), classifier_kept=cls_kept)
     if density is None:
@@ -65,10 +67,10 @@ def prune_model(model: nn.Module, method: str, sets: Optional[RecognizedSets] = 
 
 def prune_and_finetune(model: nn.Module, method: str, sets: Optional[RecognizedSets], train_loader, test_loader,
                        block_size: int = 32, density: Optional[float] = 0.25, tau: Optional[float] = None,
-                       min_overlap: int = 1, order: str = "auto", finetune_epochs: int = 2, lr: float = 3e-4,
+                       min_overlap: int = 1, order: str = "auto", finetune_epochs: int = 5, lr: float = 1e-3,
                        device: Union[str, torch.device] = "cpu", convert: bool = True,
                        log: Optional[Callable[[str], None]] = None, progress: bool = False,
-                       classifier: bool = True):
+                       classifier: bool = True, classifier_sets: Optional[torch.Tensor] = None):
     """Prune a copy of ``model``, evaluate, fine-tune, evaluate again, convert to ANDCLinear.
 
     Returns (pruned model, plan, record) where record holds the densities, accuracies
@@ -80,7 +82,7 @@ def prune_and_finetune(model: nn.Module, method: str, sets: Optional[RecognizedS
     device = torch.device(device)
     t0 = time.perf_counter()
     pruned, plan = prune_model(copy.deepcopy(model).cpu(), method, sets, block_size, density, tau,
-                               min_overlap, order, classifier)
+                               min_overlap, order, classifier, classifier_sets)
     pruned.to(device)
     dens = density_summary(pruned)
     acc0 = evaluate(pruned, test_loader, device)["accuracy"]

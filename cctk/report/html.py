@@ -134,6 +134,28 @@ def plot_throughput(summary: Dict[str, Any]) -> Optional[str]:
     return _png(fig)
 
 
+def plot_classifier_scan(summary: Dict[str, Any]) -> Optional[str]:
+    rows = summary.get("classifier_scan") or []
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    th = [r["threshold"] for r in rows]
+    ax.plot(th, [100 * r["accuracy"] for r in rows], "o-", color="tab:blue", label="accuracy (only classifier pruned)")
+    ax.axhline(100 * summary["dense_accuracy"], color="k", lw=1, ls=":", label="dense")
+    ax.set_xlabel("classifier ANDC threshold theta")
+    ax.set_ylabel("test accuracy (%)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(th, [r["classifier_density"] for r in rows], "s--", color="tab:red", label="classifier density")
+    ax2.set_ylabel("kept fraction of fc weights", color="tab:red")
+    ax2.set_ylim(0, 1)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower left")
+    ax.set_title("Classifier ANDC: density and accuracy vs threshold")
+    return _png(fig)
+
+
 def plot_heads_from_npz(snp_dir: str) -> List[str]:
     """Heads x labels coverage maps drawn from nodes.npz (used when the SNP dir has no PNGs)."""
     path = os.path.join(snp_dir, "nodes.npz")
@@ -198,9 +220,13 @@ def _words(summary: Dict[str, Any]) -> str:
         f"The label sets were measured on the <b>{html.escape(str(s.get('snp_split')))}</b> split"
         + (", so no pruning decision saw a test image." if s.get("snp_split") == "train" else ".")
         + "</p>")
+    cls_th = s.get("classifier_threshold", s.get("snp_threshold"))
     p.append(
         "<p><b>ANDC pruning.</b> In the classifier, weight W[c, n] survives only if stream node n "
-        "recognises label c (the paper's rule). In every encoder linear (q/k/v, the attention "
+        "recognises label c (the paper's rule; the final-stream nodes' matrices use the model's own "
+        f"head as the readout and were thresholded at {cls_th}"
+        + (f" rather than {s.get('snp_threshold')}: see the threshold scan below" if cls_th != s.get("snp_threshold") else "")
+        + "). In every encoder linear (q/k/v, the attention "
         "projection, both feed-forward layers) a connection survives only if the two nodes it joins "
         "share at least one recognised label (for q, k and v the head's own label set stands for the "
         "output node). Nodes that recognise nothing lose every connection. The nodes were then "
@@ -322,8 +348,23 @@ def render_report(summary: Dict[str, Any], snp_dir: Optional[str] = None) -> str
         if b64:
             parts.append(_img(b64, alt))
 
+    # classifier scan
+    scan = s.get("classifier_scan") or []
+    if scan:
+        parts.append("<h2>Classifier ANDC vs threshold</h2>")
+        parts.append("<p>Only the classifier pruned by the paper's rule, the encoder dense, no fine-tuning: "
+                     "how much of the classifier can go before accuracy drops.</p>")
+        b64 = plot_classifier_scan(s)
+        if b64:
+            parts.append(_img(b64, "classifier scan", 650))
+        parts.append(_table([[f"{r['threshold']:.2f}", f"{r['classifier_density']:.3f}", _fmt_pct(r["accuracy"])]
+                             for r in scan], ["threshold", "classifier density", "accuracy"]))
+
     # accuracy vs density
     parts.append("<h2>Accuracy vs density: ANDC and block magnitude</h2>")
+    parts.append(f"<p class='note'>Each point: prune at that target density, fine-tune "
+                 f"{s.get('sweep_finetune_epochs', '?')} epoch(s) with the masks fixed, evaluate on the test split. "
+                 "Both methods keep the same number of blocks per layer and the same number of classifier weights.</p>")
     b64 = plot_accuracy_vs_density(s)
     if b64:
         parts.append(_img(b64, "accuracy vs density", 700))
