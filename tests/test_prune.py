@@ -361,3 +361,60 @@ def test_pruned_checkpoint_masked_modules_round_trip(tmp_path):
     path = P.save_pruned(pm, plan, tmp_path / "masked.pt")
     loaded, _ = P.load_pruned(path)
     torch.testing.assert_close(outputs(loaded, x), y, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# `cctk prune` on a tiny checkpoint
+
+
+def _tiny_checkpoint(tmp_path):
+    from cctk.train.checkpoint import atomic_save, checkpoint_dict
+
+    m = tiny_model()
+    ckpt = checkpoint_dict(model=m, dataset={"name": "digits", "data_dir": None, "img_size": 8, "in_channels": 1,
+                                             "num_classes": K}, train_config={}, epoch=1)
+    path = tmp_path / "dense.pt"
+    atomic_save(ckpt, str(path))
+    snp_dir = tmp_path / "snp"
+    snp_dir.mkdir()
+    np.savez(snp_dir / "nodes.npz", **{k: v.numpy() for k, v in random_sets(m).items()})
+    return m, path, snp_dir
+
+
+def test_cli_prune_andc_and_magnitude(tmp_path, capsys):
+    from cctk.cli import main
+
+    m, ckpt, snp_dir = _tiny_checkpoint(tmp_path)
+    out = tmp_path / "andc"
+    rc = main(["prune", "--checkpoint", str(ckpt), "--snp", str(snp_dir), "--density", "0.25", "--block-size", "16",
+               "--finetune-epochs", "1", "--method", "andc", "--out", str(out), "--subset", "64",
+               "--classifier-threshold", "0.5", "--device", "cpu"])
+    assert rc == 0
+    rec = json.loads((out / "prune.json").read_text())
+    assert rec["method"] == "andc" and rec["linear_density"] == pytest.approx(0.25)
+    for key in ("dense_accuracy", "accuracy_before_finetune", "accuracy", "classifier_density", "layers"):
+        assert key in rec
+    assert set(rec["layers"]) == set(P.encoder_linear_names(m))
+    loaded, ck = P.load_pruned(out / "checkpoint.pt")
+    assert ck["dataset"]["name"] == "digits"
+    assert P.density_summary(loaded)["classifier_density"] == pytest.approx(rec["classifier_density"])
+    # magnitude with the same SNP dir: the same per-layer densities
+    out_m = tmp_path / "mag"
+    assert main(["prune", "--checkpoint", str(ckpt), "--snp", str(snp_dir), "--density", "0.25", "--block-size", "16",
+                 "--finetune-epochs", "0", "--method", "magnitude", "--out", str(out_m), "--subset", "64",
+                 "--classifier-threshold", "0.5", "--device", "cpu"]) == 0
+    rec_m = json.loads((out_m / "prune.json").read_text())
+    assert rec_m["layers"] == rec["layers"] and rec_m["classifier_density"] == rec["classifier_density"]
+
+
+def test_cli_prune_bad_input(tmp_path, capsys):
+    from cctk.cli import main
+
+    _, ckpt, snp_dir = _tiny_checkpoint(tmp_path)
+    assert main(["prune", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--method", "andc"]) == 2
+    assert "--snp" in capsys.readouterr().err
+    assert main(["prune", "--checkpoint", str(ckpt), "--snp", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "nodes.npz" in capsys.readouterr().err
+    assert main(["prune", "--checkpoint", str(ckpt), "--snp", str(snp_dir), "--density", "1.5",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
