@@ -9,22 +9,11 @@ is timed inline and ``dense_inline`` says so), and ``speedup_vs_dense_min``, the
 fastest rounds (steadier when other work shares the cores).
 
 Note on 16384 x 512 fp32 outputs (32 MiB): glibc serves allocations of >= 32 MiB with fresh
-mmap pages, so every call (dense or sparse) pays ~8-15 ms of page faults for its output on this
-machine; ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's huge-page allocation) cuts that to ~4 ms.
-
-Providers:
-* ``dense``      ``F.linear(x, W, b)`` (oneDNN / MKL), the bar;
-* ``ext``        ``ANDCLinear`` with ``backend="ext"`` (the C++ kernels; the CUDA ones on a GPU);
-* ``triton``     ``ANDCLinear`` with ``backend="triton"`` (GPU only: on CPU it would be interpreted);
-* ``torch``      ``ANDCLinear`` with ``backend="torch"`` (the dense-expand reference; 256 rows only
-                 in the quick sweep);
-* ``torch_bsr``  ``F.linear(x, W.to_sparse_bsr((B, B)), b)``: PyTorch's own BSR path (forward;
-                 fp32 on CPU, where PyTorch has no bf16 BSR matmul).
-
-Quick sweep: x of 16384 rows (64 images x 256 tokens) and 256 rows (one image), 256 -> 512 and
-512 -> 256, fp32 and bf16, B = 32, densities 1, 0.5, 0.25, 0.125, forward; forward+backward at
-16384 rows. ``--bench-full`` adds B = 16 and 64, 1024 rows and backward at every row count.
-Masks: exactly round(density * blocks) blocks kept, chosen at random (seeded).
+mmap pages (its dynamic mmap threshold tops out at 32 MiB), so every call, dense or sparse, pays
+~8-15 ms of page faults for its output on this machine: that caps the 256 -> 512 fp32 speedups.
+To time the kernels without it (both providers gain the same absolute time), run with
+``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824`` (glibc reads these at
+start-up), or ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's huge-page allocations: ~4 ms left).
 """
 from __future__ import annotations
 

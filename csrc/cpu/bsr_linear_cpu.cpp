@@ -19,7 +19,7 @@
 // chunks of tokens (so the chunk stays in cache) and, inside a chunk, in parallel over (kept
 // block, tile of a); the accumulators live in registers over the chunk's tokens.
 //
-// Outputs of at least CCTK_BSR_STREAM bytes (env, default 16 MiB: larger than the L2s, so the
+// Outputs of at least CCTK_BSR_STREAM bytes (env, default 4 MiB: larger than the L2s, so the
 // output leaves the cache anyway) are written with non-temporal stores, which skip the
 // read-for-ownership of every output line.
 //
@@ -481,7 +481,7 @@ at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const 
     }
   }
   const char* env_stream = std::getenv("CCTK_BSR_STREAM");
-  const int64_t stream_bytes = env_stream ? std::atoll(env_stream) : (int64_t(16) << 20);
+  const int64_t stream_bytes = env_stream ? std::atoll(env_stream) : (int64_t(4) << 20);
   const bool stream_out = M * out_cols * static_cast<int64_t>(in.element_size()) >= stream_bytes;
   BsrGemm g{M, in_cols, out_cols, B, n_out_blocks, ptr.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), stream_out};
   const int32_t* pperm = forward ? nullptr : perm.data_ptr<int32_t>();
