@@ -36,25 +36,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def _count_parameters(name: str) -> int:
-    """Parameter count of the named model, built on the meta device (no memory, no init cost);
-    falls back to a real CPU build where meta construction is not possible."""
+    """Parameter count of the named model, built on the meta device (no memory, no init cost)."""
     import torch
-    from torch.overrides import TorchFunctionMode
 
     from cctk import models
 
-    class _LinspaceOnCPU(TorchFunctionMode):
-        # the stochastic-depth rates are read back with .item(), which meta tensors refuse
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = dict(kwargs or {})
-            if func is torch.linspace and kwargs.get("device") is None:
-                kwargs["device"] = "cpu"
-            return func(*args, **kwargs)
-
-    try:
-        with torch.device("meta"), _LinspaceOnCPU():
-            model = models.create_model(name)
-    except Exception:
+    with torch.device("meta"):
         model = models.create_model(name)
     return sum(p.numel() for p in model.parameters())
 

@@ -279,7 +279,7 @@ class TransformerClassifier(nn.Module):
         else:
             self.positional_emb = None
         self.dropout = nn.Dropout(p=dropout)
-        dpr = [r.item() for r in torch.linspace(0, stochastic_depth, num_layers)]
+        dpr = [r.item() for r in torch.linspace(0, stochastic_depth, num_layers, device="cpu")]
         self.blocks = nn.ModuleList([
             TransformerEncoderLayer(d_model=embedding_dim, nhead=num_heads,
                                     dim_feedforward=dim_feedforward, dropout=dropout,
