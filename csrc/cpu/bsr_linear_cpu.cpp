@@ -372,7 +372,8 @@ void gemm_f32_avx512_nv(const BsrGemm& g, const float* in, const float* P, const
 template <int NV>
 void gemm_bf16_avx512_nv(const BsrGemm& g, const uint16_t* in, const uint32_t* P2, const uint16_t* bias,
                          uint16_t* out) {
-  constexpr int MR = NV == 1 ? 24 : (NV == 2 ? 12 : 6);
+  // B = 16: 16 tokens (24 made GCC spill accumulators around the pair broadcasts)
+  constexpr int MR = NV == 1 ? 16 : (NV == 2 ? 12 : 6);
   drive_tiles<uint16_t, MR>(g, in, out, [&](const uint16_t* x, int64_t ob, uint16_t* o) {
     mk_bf16_avx512<MR, NV>(g, x, P2, bias, ob, o);
   });
