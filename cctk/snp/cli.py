@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--readout-epochs", type=int, default=10, help="readout training epochs")
     p.add_argument("--readout-optimizer", default="adam", choices=("adam", "lbfgs"),
                    help="readout optimiser")
-    p.add_argument("--readout-lr", type=float, default=1e-3, help="readout learning rate (Adam)")
+    p.add_argument("--readout-lr", type=float, default=1e-2, help="readout learning rate (Adam)")
     p.add_argument("--split", default="test", choices=("train", "test", "val"),
                    help="split whose label-conditioned means build the node matrices")
     p.add_argument("--data-dir", default=None,

@@ -34,7 +34,7 @@ class ReadoutConfig:
     """Options of the readout training: ``epochs``, ``optimizer`` (``adam`` | ``lbfgs``),
     ``lr`` (Adam; LBFGS uses its own step 1), ``batch_size``, ``weight_decay``, ``seed``."""
 
-    def __init__(self, epochs: int = 10, optimizer: str = "adam", lr: float = 1e-3,
+    def __init__(self, epochs: int = 10, optimizer: str = "adam", lr: float = 1e-2,
                  batch_size: int = 256, weight_decay: float = 0.0, seed: int = 0):
         if optimizer not in ("adam", "lbfgs"):
             raise ValueError(f"readout optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
