@@ -9,11 +9,11 @@ is timed inline and ``dense_inline`` says so), and ``speedup_vs_dense_min``, the
 fastest rounds (steadier when other work shares the cores).
 
 Note on 16384 x 512 fp32 outputs (32 MiB): glibc serves allocations of >= 32 MiB with fresh
-mmap pages (its dynamic mmap threshold tops out at 32 MiB), so every call, dense or sparse, pays
-~8-15 ms of page faults for its output on this machine: that caps the 256 -> 512 fp32 speedups.
-To time the kernels without it (both providers gain the same absolute time), run with
-``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824`` (glibc reads these at
-start-up), or ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's huge-page allocations: ~4 ms left).
+mmap pages (its dynamic mmap threshold tops out at 32 MiB), so each call faults its output in:
+~8-15 ms per call on this machine with 4-KiB pages. The cctk op asks for transparent huge pages on
+such outputs (~4 ms left); F.linear does not, so part of the 256 -> 512 fp32 speedup at 16384
+rows is that allocation. To compare the kernels alone (neither pays the faults), run with
+``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824`` (read by glibc at start-up).
 """
 from __future__ import annotations
 
