@@ -140,6 +140,19 @@ def test_ext_empty_mask_rows_and_all_false():
         assert torch.equal(y[:, :32], torch.zeros_like(y[:, :32]))
 
 
+def test_ext_under_inference_mode():
+    """Index tensors made under inference_mode (no version counter) work, cached or not."""
+    _ext_cuda_or_skip()
+    m = _bsr()
+    with torch.inference_mode():
+        x, w, bias, mask = make_case(33, 40, 72, 16, torch.bfloat16, uneven=True)
+        values, crow, col = m.dense_to_bsr(masked_dense(w, mask, 16), mask, 16)
+        y1 = torch.ops.cctk.bsr_linear(x, values, crow, col, bias, 72)
+        y2 = torch.ops.cctk.bsr_linear(x, values, crow, col, bias, 72)
+    check(y1, x.double() @ masked_dense(w, mask, 16).double().T + bias.double(), torch.bfloat16, "inference")
+    assert torch.equal(y1, y2)
+
+
 def test_ext_bad_inputs_raise():
     _ext_cuda_or_skip()
     m = _bsr()

@@ -622,7 +622,10 @@ at::Tensor block_order(const at::Tensor& ptr) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(cur.stream(), &capture));
   if (capture != cudaStreamCaptureStatusNone) return compute_order(ptr);
-  OrderKey key{ptr.data_ptr(), ptr.numel(), ptr._version(), int(ptr.device().index())};
+  // Inference tensors have no version counter (_version() throws): key them with -1. A stale
+  // entry can only change the schedule (any permutation of the blocks gives the same result).
+  const int64_t version = ptr.is_inference() ? -1 : int64_t(ptr._version());
+  OrderKey key{ptr.data_ptr(), ptr.numel(), version, int(ptr.device().index())};
   std::optional<OrderEntry> hit;
   {
     std::lock_guard<std::mutex> lock(mu);
