@@ -11,7 +11,7 @@ Switches (environment variables):
 * ``CCTK_FORCE_CUDA=1``     build the CUDA sources even without a visible GPU (needs nvcc and
                            CUDA_HOME pointing at the real toolkit root).
 * ``CCTK_FORCE_CPU_ONLY=1`` never build the CUDA sources.
-* ``TORCH_CUDA_ARCH_LIST``  CUDA architectures (default ``8.0;9.0``: Ampere and Hopper).
+* ``TORCH_CUDA_ARCH_LIST``  CUDA architectures (default ``8.0;9.0+PTX``: Ampere and Hopper, plus PTX for newer GPUs).
 * ``MAX_JOBS``              parallel compile jobs (ninja).
 """
 import glob
@@ -93,7 +93,7 @@ def _ext_modules():
     elif force_cuda:
         raise RuntimeError("cctk: CCTK_FORCE_CUDA=1 but this torch has no CUDA support")
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
     _write_build_info(True, with_cuda, torch.__version__)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
