@@ -307,6 +307,8 @@ def render_report(summary: Dict[str, Any], snp_dir: Optional[str] = None) -> str
                              "n/a" if x.get("snr") is None else f"{x['snr']:.2f}"])
         parts.append(_table(rows, ["sub-block", "readout accuracy", "mean |D_n|", "mean cluster size",
                                    "mean noise", "SNR"]))
+        parts.append(f"<p class='note'>Readout accuracies and node matrices are measured on the "
+                     f"{html.escape(str(s.get('snp_split')))} split; threshold {s.get('snp_threshold')}.</p>")
     if snp_dir and os.path.isdir(snp_dir):
         for name, caption in (("blocks.png", "Per-block curves"), ("node_matrices.png", "Example node matrices")):
             path = os.path.join(snp_dir, name)
