@@ -5,6 +5,11 @@
     pytest bench --benchmark-only --benchmark-json=out.json     # save every timing + the machine description
     pytest bench --benchmark-only --benchmark-autosave          # ... or under .benchmarks/
 
+On a machine other jobs share, wall-clock medians swing by 10-100x (a descheduled OpenMP thread
+stalls a whole parallel region). Per-core CPU time is steady there:
+
+    OMP_NUM_THREADS=1 pytest bench --benchmark-only --benchmark-timer=time.thread_time
+
 * ``--bench-full`` (fixture ``bench_full``): bench files widen their sweep with it.
 * The saved JSON's ``machine_info`` gains ``cctk``: CPU model, cores, AVX-512 / AMX flags, torch,
   triton and cctk versions, ``cctk._ext.info()`` (what was compiled and which CPU path runs),
