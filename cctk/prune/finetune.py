@@ -24,8 +24,7 @@ def finetune(model: nn.Module, train_loader, epochs: int = 2, lr: float = 1e-4, 
     """Fine-tune ``model`` in place for ``epochs`` epochs (AdamW, cosine from ``lr`` to
     ``min_lr`` = lr/10 by default). Returns one record per epoch (train loss, and test accuracy
     when ``eval_loader`` is given)."""
-    from cctk.train import build_optimizer, build_scheduler, evaluate, train_one_epoch
-    from cctk.train.loop import _grad_scaler
+    from cctk.train import build_optimizer, build_scheduler, evaluate, make_grad_scaler, train_one_epoch
 
     history: List[Dict[str, float]] = []
     if epochs <= 0:
@@ -37,7 +36,7 @@ def finetune(model: nn.Module, train_loader, epochs: int = 2, lr: float = 1e-4, 
     scheduler = build_scheduler(optimizer, lr=lr, steps_per_epoch=steps, epochs=epochs,
                                 warmup_epochs=warmup_epochs, warmup_lr=lr * 0.1,
                                 min_lr=lr * 0.1 if min_lr is None else min_lr)
-    scaler = _grad_scaler(False)
+    scaler = make_grad_scaler(False)
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     try:
         from cctk.data import set_loader_epoch

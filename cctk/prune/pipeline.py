@@ -284,10 +284,10 @@ run_pipeline.__doc__ = _pipeline.__doc__
 def _train_split_loader(dataset: dict, data_dir, train_subset):
     """The training split, no augmentation, not shuffled (for the SNP passes)."""
     from cctk import data
-    from cctk.train.loop import _subset
+    from cctk.train import subset_dataset
 
     ds = data.get_dataset(dataset["name"], "train", data_dir=data_dir if data_dir is not None else dataset.get("data_dir"),
                           img_size=dataset.get("img_size"), augment=False)
     if train_subset is not None and train_subset < len(ds):
-        ds = _subset(ds, train_subset)
+        ds = subset_dataset(ds, train_subset)
     return data.build_loader(ds, 256, shuffle=False)

@@ -24,7 +24,7 @@ def data_loaders(dataset: dict, data_dir: Optional[str] = None, batch_size: int 
     """(train_loader, test_loader, num_classes) for a checkpoint's ``dataset`` record (name,
     data_dir, img_size), without augmentation. ``data_dir`` overrides the recorded one."""
     from cctk import data
-    from cctk.train.loop import _subset
+    from cctk.train import subset_dataset
 
     name = dataset["name"]
     ddir = data_dir if data_dir is not None else dataset.get("data_dir")
@@ -33,9 +33,9 @@ def data_loaders(dataset: dict, data_dir: Optional[str] = None, batch_size: int 
     test = data.get_dataset(name, "test", data_dir=ddir, img_size=img, augment=False)
     num_classes = train.num_classes
     if train_subset is not None and train_subset < len(train):
-        train = _subset(train, train_subset)
+        train = subset_dataset(train, train_subset)
     if test_subset is not None and test_subset < len(test):
-        test = _subset(test, test_subset)
+        test = subset_dataset(test, test_subset)
     return (data.build_loader(train, batch_size, shuffle=True, seed=seed),
             data.build_loader(test, eval_batch_size, shuffle=False, seed=seed), num_classes)
 
