@@ -368,6 +368,14 @@ void drive_tiles(const BsrGemm& g, const T* in, T* out, Micro micro) {
 template <int NV>
 void gemm_f32_avx512_nv(const BsrGemm& g, const float* in, const float* P, const float* bias, float* out) {
   constexpr int MR = NV == 1 ? 24 : (NV == 2 ? 12 : 6);
+  // The MR input rows a call streams should stay in L1 (32 KiB): B = 16 with wide inputs takes
+  // 12-token tiles instead of 24.
+  if (NV == 1 && MR * g.in_cols * 4 > (24 << 10)) {
+    drive_tiles<float, 12>(g, in, out, [&](const float* x, int64_t ob, float* o) {
+      mk_f32_avx512<12, NV>(g, x, P, bias, ob, o);
+    });
+    return;
+  }
   drive_tiles<float, MR>(g, in, out, [&](const float* x, int64_t ob, float* o) {
     mk_f32_avx512<MR, NV>(g, x, P, bias, ob, o);
   });
