@@ -15,9 +15,9 @@
 // (L2) stream through them. Empty block-rows cost nothing but the bias store; empty block-cols
 // are never read.
 //
-// The weight gradient dV[i][a, b] = sum_m grad_out[m, r_i*B + a] * x[m, c_i*B + b] runs over
-// chunks of tokens (so the chunk stays in cache) and, inside a chunk, in parallel over (kept
-// block, tile of a); the accumulators live in registers over the chunk's tokens.
+// The weight gradient dV[i][a, b] = sum_m grad_out[m, r_i*B + a] * x[m, c_i*B + b] splits
+// (kept block, tile of a) units over the threads once; each thread walks the tokens in chunks
+// (so a chunk stays in cache across its units) with the accumulators in registers over a chunk.
 //
 // Outputs of at least CCTK_BSR_STREAM bytes (env, default 4 MiB: larger than the L2s, so the
 // output leaves the cache anyway) are written with non-temporal stores, which skip the
@@ -103,7 +103,8 @@ void gemm_scalar(const BsrGemm& g, const T* in, const acc_t* P, const T* bias, T
 // or the input gradient (gather: P_e = values[perm[e]]).
 template <typename T, typename acc_t>
 void pack_blocks(const T* values, const int32_t* perm, int64_t nnz, int64_t B, bool transpose, acc_t* P) {
-  at::parallel_for(0, nnz, 8, [&](int64_t e0, int64_t e1) {
+  // grain: up to 256 K elements per task, so CCT-sized weights pack without a parallel region
+  at::parallel_for(0, nnz, std::max<int64_t>(1, (int64_t(1) << 18) / (B * B)), [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       const T* v = values + (perm ? static_cast<int64_t>(perm[e]) : e) * B * B;
       acc_t* p = P + e * B * B;
@@ -121,7 +122,7 @@ void pack_blocks(const T* values, const int32_t* perm, int64_t nnz, int64_t B, b
 // (transpose) or v[k][o].
 void pack_blocks_bf16_pairs(const at::BFloat16* values, const int32_t* perm, int64_t nnz, int64_t B,
                             bool transpose, uint32_t* P2) {
-  at::parallel_for(0, nnz, 8, [&](int64_t e0, int64_t e1) {
+  at::parallel_for(0, nnz, std::max<int64_t>(1, (int64_t(1) << 18) / (B * B)), [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       const uint16_t* v = reinterpret_cast<const uint16_t*>(values) + (perm ? static_cast<int64_t>(perm[e]) : e) * B * B;
       uint32_t* p = P2 + e * (B / 2) * B;
@@ -671,17 +672,19 @@ std::vector<uint32_t> pair_rows_bf16(const at::BFloat16* src_, int64_t M, int64_
   return dst;
 }
 
-// Drive a weight-gradient micro-kernel: token chunks (cache-resident), inside a chunk units of
-// (kept block, tile of AT rows a) in parallel, each accumulating into its own part of dV.
+// Drive a weight-gradient micro-kernel. Units (kept block, tile of AT rows a) are split over the
+// threads once (one parallel region: on a busy machine every region can cost a time slice);
+// each thread walks the tokens in cache-sized chunks and, per chunk, all its units, each
+// accumulating into its own part of dV.
 template <int NV, typename Micro>
 void grad_weight_drive(int64_t n_steps, int64_t step_chunk, int64_t out_cols, int64_t in_cols, const int32_t* rows,
                        const int32_t* cols, int64_t nnz, int at_rows, float* dV, Micro micro) {
   constexpr int64_t B = 16 * NV;
   const int64_t n_at = B / at_rows;
   const int64_t units = nnz * n_at;
-  for (int64_t s0 = 0; s0 < n_steps; s0 += step_chunk) {
-    const int64_t s1 = std::min(n_steps, s0 + step_chunk);
-    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t s0 = 0; s0 < n_steps; s0 += step_chunk) {
+      const int64_t s1 = std::min(n_steps, s0 + step_chunk);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t i = u / n_at, a0 = (u % n_at) * at_rows;
         const int64_t r = rows[i], c = cols[i];
@@ -695,8 +698,8 @@ void grad_weight_drive(int64_t n_steps, int64_t step_chunk, int64_t out_cols, in
         }
         micro(r * B + a0, c * B, s0, s1, av, kmsk, dV + i * B * B + a0 * B);
       }
-    });
-  }
+    }
+  });
 }
 
 template <int NV>
