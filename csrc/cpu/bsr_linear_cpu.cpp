@@ -126,6 +126,13 @@ void pack_blocks_bf16_pairs(const at::BFloat16* values, const int32_t* perm, int
     for (int64_t e = e0; e < e1; ++e) {
       const uint16_t* v = reinterpret_cast<const uint16_t*>(values) + (perm ? static_cast<int64_t>(perm[e]) : e) * B * B;
       uint32_t* p = P2 + e * (B / 2) * B;
+      if (transpose) {  // W(k, o) = v[o][k]: the pair (k, k+1) of row o is one uint32 of v
+        uint32_t row_pairs[64 * 32];
+        std::memcpy(row_pairs, v, B * B * sizeof(uint16_t));
+        for (int64_t o = 0; o < B; ++o)
+          for (int64_t kp = 0; kp < B / 2; ++kp) p[kp * B + o] = row_pairs[o * (B / 2) + kp];
+        continue;
+      }
       for (int64_t kp = 0; kp < B / 2; ++kp)
         for (int64_t o = 0; o < B; ++o) {
           const int64_t k = 2 * kp;
