@@ -33,6 +33,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODEL = "cct_7_3x1_32"
 NUM_CLASSES = 100
 BLOCK = 32
+ROUNDS, WARMUP = 11, 2  # medians of 11 timed forwards after 2 warm-up ones
 _DENSE = {}  # (dtype, batch, density, masks) -> masked-dense median (s)
 _MODELS = {}
 
@@ -124,7 +125,7 @@ def _fn(model, x):
     return run
 
 
-def _inline_median(fn, rounds=5):
+def _inline_median(fn, rounds=ROUNDS):
     fn()
     ts = []
     for _ in range(rounds):
@@ -157,12 +158,12 @@ def test_pruned_model(benchmark, case):
     benchmark.extra_info["max_abs_diff_vs_masked_dense"] = float((y_andc - y_dense).abs().max())
     key = (dtype, batch, density, kind)
     if provider == "masked-dense":
-        benchmark(_fn(dense, x))
+        benchmark.pedantic(_fn(dense, x), rounds=ROUNDS, warmup_rounds=WARMUP)
         if benchmark.stats:
             _DENSE[key] = benchmark.stats.stats.median
             benchmark.extra_info["images_per_s"] = batch / _DENSE[key]
         return
-    benchmark(_fn(andc, x))
+    benchmark.pedantic(_fn(andc, x), rounds=ROUNDS, warmup_rounds=WARMUP)
     if not benchmark.stats:
         return
     med = benchmark.stats.stats.median
