@@ -418,3 +418,24 @@ def test_cli_prune_bad_input(tmp_path, capsys):
     assert main(["prune", "--checkpoint", str(ckpt), "--snp", str(snp_dir), "--density", "1.5",
                  "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_finetune_through_andclinear_sparse_autograd():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cctk.nn import ANDCLinear
+
+    m = tiny_model()
+    pm, plan = P.prune_andc(m, random_sets(m), block_size=16, density=0.25)
+    P.convert_to_andc(pm)
+    lin = pm.get_submodule("classifier.blocks.0.linear1")
+    assert isinstance(lin, ANDCLinear)
+    before = lin.to_dense().detach().clone()
+    loader = DataLoader(TensorDataset(torch.randn(48, 1, 8, 8), torch.randint(0, K, (48,))), batch_size=16)
+    hist = P.finetune(pm, loader, epochs=1, lr=1e-3)
+    after = lin.to_dense().detach()
+    kept = P.expand_block_mask(plan.block_masks["classifier.blocks.0.linear1"], 16, after.shape)
+    assert np.isfinite(hist[0]["train_loss"])
+    assert torch.equal(after[~kept], torch.zeros_like(after[~kept]))  # pruned blocks stay pruned
+    assert not torch.equal(after[kept], before[kept])
+    assert P.density_summary(pm)["linear_density"] == pytest.approx(0.25)

@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs (masks fixed)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate (AdamW, cosine to lr/10)")
     p.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch size")
+    p.add_argument("--sparse-finetune", action="store_true",
+                   help="fine-tune the ANDCLinear layers through their sparse autograd (default: masked dense weights)")
     p.add_argument("--data-dir", default=None, help="dataset directory (default: the checkpoint's)")
     p.add_argument("--subset", type=int, default=None, help="use only the first N samples of each split")
     p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         model, args.method, sets, train_loader, test_loader, block_size=args.block_size,
         density=args.density, tau=args.tau, min_overlap=args.min_overlap, order=args.order,
         finetune_epochs=args.finetune_epochs, lr=args.lr, device=device, log=print,
-        classifier=not args.no_classifier, classifier_sets=classifier_sets)
+        classifier=not args.no_classifier, classifier_sets=classifier_sets, sparse_finetune=args.sparse_finetune)
     record["dense_accuracy"] = dense_acc
     record["classifier_threshold"] = args.classifier_threshold
     record["checkpoint"] = os.path.abspath(os.path.join(args.out, "checkpoint.pt"))

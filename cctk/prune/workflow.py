@@ -70,8 +70,12 @@ def prune_and_finetune(model: nn.Module, method: str, sets: Optional[RecognizedS
                        min_overlap: int = 1, order: str = "auto", finetune_epochs: int = 5, lr: float = 1e-3,
                        device: Union[str, torch.device] = "cpu", convert: bool = True,
                        log: Optional[Callable[[str], None]] = None, progress: bool = False,
-                       classifier: bool = True, classifier_sets: Optional[torch.Tensor] = None):
+                       classifier: bool = True, classifier_sets: Optional[torch.Tensor] = None,
+                       sparse_finetune: bool = False):
     """Prune a copy of ``model``, evaluate, fine-tune, evaluate again, convert to ANDCLinear.
+
+    Fine-tuning runs on masked dense weights (MaskedLinear), or with ``sparse_finetune`` on the
+    ANDCLinear layers themselves (their sparse autograd: only kept blocks have gradients).
 
     Returns (pruned model, plan, record) where record holds the densities, accuracies
     (``accuracy_before_finetune``, ``accuracy``), the fine-tune history and timings.
@@ -89,6 +93,8 @@ def prune_and_finetune(model: nn.Module, method: str, sets: Optional[RecognizedS
     say(f"[{method}] linear density {dens['linear_density']:.3f}, classifier density "
         f"{dens['classifier_density']:.3f}; accuracy before fine-tune {acc0:.4f}")
     t1 = time.perf_counter()
+    if sparse_finetune:
+        convert_to_andc(pruned)
     history = finetune(pruned, train_loader, epochs=finetune_epochs, lr=lr, device=device, log=say,
                        progress=progress)
     t2 = time.perf_counter()
@@ -111,6 +117,7 @@ def prune_and_finetune(model: nn.Module, method: str, sets: Optional[RecognizedS
         "accuracy": acc,
         "finetune_epochs": finetune_epochs,
         "finetune_lr": lr,
+        "finetune_layers": "ANDCLinear" if sparse_finetune else "masked dense",
         "finetune_history": history,
         "layer_stats": plan.layer_stats,
         "tokens_assumed_all_labels": plan.tokens_assumed if method == "andc" else None,
