@@ -398,6 +398,11 @@ def test_cli_prune_andc_and_magnitude(tmp_path, capsys):
     loaded, ck = P.load_pruned(out / "checkpoint.pt")
     assert ck["dataset"]["name"] == "digits"
     assert P.density_summary(loaded)["classifier_density"] == pytest.approx(rec["classifier_density"])
+    # `cctk eval` loads the pruned checkpoint (no dense weights of pruned layers)
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--subset", "64", "--device", "cpu",
+                 "--out", str(report)]) == 0
+    assert json.loads(report.read_text())["samples"] == 64
     # magnitude with the same SNP dir: the same per-layer densities
     out_m = tmp_path / "mag"
     assert main(["prune", "--checkpoint", str(ckpt), "--snp", str(snp_dir), "--density", "0.25", "--block-size", "16",

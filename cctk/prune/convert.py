@@ -18,7 +18,7 @@ import torch.nn as nn
 from cctk.prune.andc import PrunePlan, _set_submodule, encoder_linear_names
 from cctk.prune.masks import expand_block_mask
 from cctk.prune.modules import MaskedLinear
-from cctk.train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, read_checkpoint
+from cctk.train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
 
 __all__ = [
     "PRUNED_FORMAT",
@@ -209,8 +209,9 @@ def build_pruned_model(ckpt: dict) -> nn.Module:
 
 def load_pruned(path: Union[str, Path], map_location="cpu"):
     """Load a pruned checkpoint written by :func:`save_pruned` -> (model, checkpoint dict)."""
-    ckpt = read_checkpoint(str(path), map_location)
-    model = build_pruned_model(ckpt)
-    if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
-        model.to(map_location)
+    from cctk.train import load_checkpoint
+
+    model, ckpt = load_checkpoint(str(path), map_location)
+    if not is_pruned_checkpoint(ckpt):
+        raise ValueError(f"{path} is a dense checkpoint, not a pruned one (no 'pruning' entry)")
     return model, ckpt

@@ -113,10 +113,17 @@ def build_model_from_config(model_config: Dict[str, Any]) -> nn.Module:
 
 def load_checkpoint(path: str, map_location="cpu") -> Tuple[nn.Module, Dict[str, Any]]:
     """``(model, ckpt)``: the model rebuilt from the checkpoint's model config with its trained
-    weights (strict), in eval mode on ``map_location``; ``ckpt`` is the whole checkpoint dict."""
+    weights (strict), in eval mode on ``map_location``; ``ckpt`` is the whole checkpoint dict.
+    Dense training checkpoints and pruned ones (ANDCLinear / masked layers) both load here."""
     ckpt = read_checkpoint(path, map_location)
-    model = build_model_from_config(ckpt["model_config"])
-    model.load_state_dict(ckpt["state_dict"], strict=True)
+    if isinstance(ckpt.get("pruning"), dict):
+        # a pruned checkpoint (cctk.prune.save_pruned) holds only the kept blocks: its sparse
+        # layers are rebuilt from the stored block masks before the (strict) load
+        from cctk.prune.convert import build_pruned_model
+        model = build_pruned_model(ckpt)
+    else:
+        model = build_model_from_config(ckpt["model_config"])
+        model.load_state_dict(ckpt["state_dict"], strict=True)
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         model.to(map_location)
     model.eval()
