@@ -315,13 +315,27 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cctk.demo import run_demo
 
+    options = {k: getattr(args, k) for k in ("density", "block_size", "finetune_epochs", "train_subset",
+                                              "test_subset", "null_draws") if getattr(args, k) is not None}
+    if args.sweep is not None:
+        options["sweep"] = args.sweep
     run_demo(args.out, dataset=args.dataset, epochs=args.epochs, seed=args.seed,
-             data_dir=args.data_dir, device=args.device)
+             data_dir=args.data_dir, device=args.device, **options)
     return 0
 
 
+def _densities(text: str):
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated densities, got {text!r}")
+    if any(not 0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"densities must lie in (0, 1], got {text!r}")
+    return values
+
+
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from cctk.demo import DEFAULT_EPOCHS
+    from cctk.demo import DEFAULT_DENSITY, DEFAULT_EPOCHS, SWEEP_DENSITIES
 
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--dataset", default="digits", help="dataset (digits needs no files)")
@@ -330,6 +344,17 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--data-dir", default=None, help="dataset directory (not needed for digits)")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; None: cuda when available")
+    p.add_argument("--density", type=float, default=None,
+                   help=f"kept block fraction of every encoder linear (default {DEFAULT_DENSITY})")
+    p.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64),
+                   help="block size of the sparse layers (default: 16 for digits/fashion-mnist, else 32)")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tune epochs after pruning (default 5)")
+    p.add_argument("--sweep", type=_densities, default=None, metavar="D1,D2,...",
+                   help="densities of the accuracy-vs-density sweep (default "
+                        + ",".join(str(d) for d in SWEEP_DENSITIES) + ")")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N", help="train on the first N images only")
+    p.add_argument("--test-subset", type=int, default=None, metavar="N", help="test on the first N images only")
+    p.add_argument("--null-draws", type=int, default=None, help="draws of the heads' null model (default 1000)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +367,8 @@ _BUILTIN = {
     "train": ("train a CCT (AdamW, warm-up + cosine, label smoothing, mixup/cutmix, AMP, "
               "checkpoints, exact --resume; DDP under torchrun)", add_train_arguments, cmd_train),
     "eval": ("evaluate a checkpoint on a dataset split", add_eval_arguments, cmd_eval),
-    "demo": ("train the default model on digits, evaluate it and say what was done",
+    "demo": ("the whole job on digits: train, SNP of every node, ANDC vs magnitude pruning, "
+             "fine-tune, dense vs pruned speed, summary.json + report.html",
              add_demo_arguments, cmd_demo),
 }
 

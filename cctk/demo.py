@@ -1,57 +1,67 @@
 """``cctk demo``: the main job on the embedded default data set, explained in plain words.
 
-Today it trains the dataset's default CCT (digits: ``cct_2_3x1_8`` on scikit-learn's bundled
-8x8 digits, no download) with the dataset's preset recipe, evaluates the final model on the test
-split, and writes ``checkpoint.pt``, ``metrics.json`` and ``metrics.jsonl`` under ``out``.
-Later stages (single-nodal performance, ANDC pruning) extend :func:`run_demo`.
+On scikit-learn's bundled 8x8 digits (no download) it runs the whole ANDC story through
+:func:`cctk.prune.pipeline.run_pipeline`: train the dataset's default CCT, measure the
+single-nodal performance (SNP) of every node, prune with ANDC and with the block-magnitude
+baseline at the same per-layer densities, fine-tune both, evaluate, time dense vs pruned
+inference, sweep accuracy against density, and write ``summary.json`` and ``report.html``.
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Dict, Optional
 
-from cctk.train import (CHECKPOINT_NAME, METRICS_NAME, TrainConfig, get_preset,
-                        preset_for_dataset, train)
+from cctk.prune.pipeline import DEFAULT_DENSITY, SWEEP_DENSITIES, run_pipeline
 
-DEFAULT_EPOCHS = 30
-
-
-def demo_config(out: str, dataset: str = "digits", epochs: Optional[int] = None, seed: int = 0,
-                **overrides) -> TrainConfig:
-    """The demo's training configuration: the dataset's preset (if any), then the overrides."""
-    preset = preset_for_dataset(dataset)
-    fields: Dict[str, Any] = dict(out=out, seed=seed, **overrides)
-    if epochs is not None:
-        fields["epochs"] = epochs
-    if preset is not None:
-        return get_preset(preset, **fields)
-    return TrainConfig(dataset=dataset, **fields)
+DEFAULT_EPOCHS = 30  # the digits preset's
 
 
 def run_demo(out: str, dataset: str = "digits", epochs: Optional[int] = None, seed: int = 0,
              data_dir: Optional[str] = None, device: Optional[str] = None,
-             verbose: bool = True, **overrides) -> Dict[str, Any]:
-    """Train and evaluate, print a plain-words summary, return ``{"train": metrics, ...}``."""
+             verbose: bool = True, **pipeline_options) -> Dict[str, Any]:
+    """Run the pipeline, print a plain-words account of it, return its summary dict.
+    ``pipeline_options`` go to :func:`run_pipeline` (density, block_size, finetune_epochs,
+    sweep, train_subset, test_subset, null_draws, ...)."""
     say = print if verbose else (lambda *a, **k: None)
-    config = demo_config(out, dataset, epochs, seed, data_dir=data_dir, device=device,
-                         verbose=verbose, **overrides)
-    say(f"cctk demo: step 1 of 1 - train a Compact Convolutional Transformer on '{dataset}' "
-        f"for {config.total_epochs} epochs (AdamW, lr {config.lr:g}, warm-up "
-        f"{config.warmup_epochs:g} epochs then cosine, label smoothing {config.label_smoothing:g}), "
-        f"then measure its accuracy on the held-out test images.", flush=True)
-    metrics = train(config)
-    chance = 1.0 / metrics["dataset_info"]["num_classes"]
+    say(f"cctk demo: train a Compact Convolutional Transformer on '{dataset}', measure what every "
+        f"node of every attention head and feed-forward layer recognises (single-nodal "
+        f"performance), prune it with ANDC and with block magnitude, fine-tune, compare, and "
+        f"time dense against pruned inference.", flush=True)
+    s = run_pipeline(out, dataset=dataset, epochs=epochs, seed=seed, data_dir=data_dir, device=device,
+                     verbose=verbose, **pipeline_options)
+    snp_blocks = s["snp"]["blocks"] or []
+    heads = s["snp"]["heads"] or []
     say("")
     say("What happened:")
-    say(f"  - Built {metrics['model']} ({metrics['parameters']:,} parameters) for "
-        f"{metrics['dataset_info']['in_channels']}-channel {metrics['dataset_info']['img_size']}x"
-        f"{metrics['dataset_info']['img_size']} images with {metrics['dataset_info']['num_classes']} classes.")
-    say(f"  - Trained it for {metrics['epochs']} epochs on {metrics['dataset_info']['train_size']} "
-        f"training images on {metrics['device']}, in {metrics['wall_time_s']:.1f} seconds; "
-        f"the final training loss was {metrics['train_loss']:.3f}.")
-    say(f"  - On {metrics['test_samples']} test images it never saw, it classifies "
-        f"{metrics['test_accuracy'] * 100:.1f}% correctly (chance would be {chance * 100:.0f}%).")
-    say(f"  - Wrote the trained model to {os.path.join(out, CHECKPOINT_NAME)} and the numbers "
-        f"to {os.path.join(out, METRICS_NAME)}.")
-    say(f"  Next: `cctk eval --checkpoint {os.path.join(out, CHECKPOINT_NAME)}` re-measures it.")
-    return {"train": metrics}
+    say(f"  - Trained {s['model']} ({s['parameters']:,} parameters) for {s['train']['epochs']} epochs "
+        f"in {s['train']['wall_time_s']:.0f} s; on the held-out test images it is right "
+        f"{s['dense_accuracy'] * 100:.1f}% of the time.")
+    if snp_blocks:
+        accs = ", ".join(f"block {b}: MHA {blk['mha']['readout_accuracy'] * 100:.0f}% / "
+                         f"FF {blk['ff']['readout_accuracy'] * 100:.0f}%" for b, blk in enumerate(snp_blocks))
+        say(f"  - A linear readout on each sub-block's nodes reaches {accs}.")
+        sizes = ", ".join(f"{blk['ff']['mean_cluster_size']:.2f}" for blk in snp_blocks
+                          if blk['ff'].get('mean_cluster_size') is not None)
+        say(f"  - Each node recognises a few labels; the FF nodes' mean cluster size per block: {sizes}.")
+    for h in heads:
+        if h.get("null_z") is not None:
+            say(f"  - Block {h.get('block')}: the heads divide the labels with share "
+                f"{h['share_mean']:.2f} vs {h['null_mean']:.2f} for random head assignments "
+                f"(z = {h['null_z']:.1f}, p = {h['p_value']:.3g}).")
+    say(f"  - ANDC kept {s['linear_density'] * 100:.0f}% of the encoder's linear weights (in "
+        f"{s['block_size']}x{s['block_size']} blocks) and {s['classifier_density'] * 100:.0f}% of the "
+        f"classifier's; after {s['finetune_epochs']} fine-tune epochs it scores "
+        f"{s['andc_accuracy'] * 100:.1f}% (block-magnitude pruning at the same densities: "
+        f"{s['magnitude_accuracy'] * 100:.1f}%).")
+    say(f"  - Inference with the pruned layers as cctk.ANDCLinear: {s['pruned_images_per_s']:.0f} "
+        f"images/s vs {s['dense_images_per_s']:.0f} dense ({s['speedup_vs_dense']:.2f}x; batch "
+        f"{s['bench_batch']}, {s['device']}).")
+    say(f"  - Wrote {os.path.join(out, 'summary.json')} and the report {os.path.join(out, 'report.html')} "
+        f"(open it in a browser), the dense and pruned checkpoints, and the SNP files under "
+        f"{os.path.join(out, 'snp')}.")
+    say(f"  Next: `cctk eval --checkpoint {os.path.join(out, 'andc', 'checkpoint.pt')}` re-measures "
+        f"the pruned model.")
+    return s
+
+
+__all__ = ["run_demo", "DEFAULT_EPOCHS", "DEFAULT_DENSITY", "SWEEP_DENSITIES"]

@@ -113,13 +113,17 @@ def test_train_resume_eval(tmp_path, capsys):
 
 
 def test_demo_says_what_it_did(tmp_path, capsys):
-    code, out, err = run_cli(["demo", "--out", str(tmp_path), "--epochs", "1", "--device", "cpu"],
-                             capsys)
+    code, out, err = run_cli(["demo", "--out", str(tmp_path), "--epochs", "1", "--device", "cpu",
+                              "--finetune-epochs", "1", "--sweep", "0.5", "--train-subset", "256",
+                              "--test-subset", "128", "--null-draws", "20"], capsys)
     assert code == 0, err
-    assert "What happened" in out and "test images" in out and "%" in out
-    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert "What happened" in out and "test images" in out and "%" in out and "ANDC kept" in out
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["dataset"] == "digits" and s["train"]["epochs"] == 1
+    assert s["linear_density"] == pytest.approx(0.5)
+    assert (tmp_path / "report.html").exists() and (tmp_path / "andc" / "checkpoint.pt").exists()
+    m = json.loads((tmp_path / "train" / "metrics.json").read_text())
     assert m["dataset"] == "digits" and m["epochs"] == 1
-    assert (tmp_path / "checkpoint.pt").exists()
 
 
 # ------------------------------------------------------------------------------------------
