@@ -18,13 +18,12 @@ rows is that allocation. To compare the kernels alone (neither pays the faults),
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _timing import inline_times
 from cctk import _ext
 from cctk.nn import ANDCLinear
 
@@ -108,17 +107,6 @@ def _make_fn(direction, x, layer_fn, params):
     return _sync(fwd_bwd)
 
 
-def _inline_times(fn, rounds=5):
-    """(median, min) of a few timed calls, for a dense baseline the session did not benchmark."""
-    fn()
-    ts = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts), min(ts)
-
-
 def _dense_fn(direction, dtype, rows, in_f, out_f):
     torch.manual_seed(0)
     lin = torch.nn.Linear(in_f, out_f, device=DEVICE, dtype=dtype)
@@ -176,7 +164,7 @@ def test_andc_linear(benchmark, case):
         return
     median, fastest = benchmark.stats.stats.median, benchmark.stats.stats.min
     if key not in _DENSE:
-        _DENSE[key] = _inline_times(_dense_fn(direction, dtype, rows, in_f, out_f))
+        _DENSE[key] = inline_times(_dense_fn(direction, dtype, rows, in_f, out_f))
         benchmark.extra_info["dense_inline"] = True
     dense_median, dense_min = _DENSE[key]
     benchmark.extra_info["dense_median_s"] = dense_median

@@ -19,12 +19,10 @@ pooling stay dense.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 
-import pytest
 import torch
 
+from _timing import inline_times
 from cctk.models import create_model
 from cctk.prune import PrunePlan, apply_masks, convert_to_andc, encoder_linear_names, to_masked_dense
 from cctk.prune.masks import block_grid
@@ -125,16 +123,6 @@ def _fn(model, x):
     return run
 
 
-def _inline_median(fn, rounds=ROUNDS):
-    fn()
-    ts = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def test_pruned_model(benchmark, case):
     dtype, batch, density, kind, provider = case
     dt = str(dtype).replace("torch.", "")
@@ -169,7 +157,7 @@ def test_pruned_model(benchmark, case):
     med = benchmark.stats.stats.median
     dense_med = _DENSE.get(key)
     if dense_med is None:
-        dense_med = _inline_median(_fn(dense, x))
+        dense_med = inline_times(_fn(dense, x), ROUNDS)[0]
         benchmark.extra_info["dense_inline"] = True
     benchmark.extra_info["images_per_s"] = batch / med
     benchmark.extra_info["dense_images_per_s"] = batch / dense_med

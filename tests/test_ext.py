@@ -9,7 +9,6 @@ import textwrap
 import pytest
 import torch
 
-import cctk
 from cctk import _ext
 from cctk.ops import label_sum, label_sum_ref
 

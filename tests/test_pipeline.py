@@ -1,7 +1,6 @@
 """End to end: run_pipeline on digits with very few epochs and small subsets (about a minute on
 2 cores): the files are written, with the schema `cctk demo` promises."""
 import json
-import os
 
 import pytest
 import torch

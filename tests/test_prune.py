@@ -179,7 +179,7 @@ def test_permute_head_dims_preserves_outputs(which):
     torch.testing.assert_close(outputs(m, x), y, atol=1e-5, rtol=1e-5)
     # sensitivity: q rows alone (without k) break the function
     bad = copy.deepcopy(m)
-    d, dh = m.embed_dim, m.head_dim
+    dh = m.head_dim
     with torch.no_grad():
         w = bad.blocks[0].self_attn.qkv.weight
         w[:dh] = w[:dh][torch.randperm(dh)]

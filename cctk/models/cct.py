@@ -19,7 +19,6 @@ plain computation: one ``tap is None`` check per sub-block.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Optional
 
 import torch

@@ -23,7 +23,7 @@ stream nodes' label sets at every place the stream is measured.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn

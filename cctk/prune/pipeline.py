@@ -78,7 +78,7 @@ def _pipeline(out_dir: str, dataset: str = "digits", epochs: Optional[int] = Non
     from cctk.prune.andc import (PrunePlan, RecognizedSets, apply_masks, final_stream_means,
                                  final_stream_sets)
     from cctk.prune.masks import classifier_keep
-    from cctk.prune.convert import density_summary, save_pruned, to_masked_dense
+    from cctk.prune.convert import save_pruned, to_masked_dense
     from cctk.prune.finetune import images_per_second
     from cctk.prune.workflow import data_loaders, prune_and_finetune
     from cctk.train import (CHECKPOINT_NAME, TrainConfig, evaluate, get_preset, load_checkpoint,

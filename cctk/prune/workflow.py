@@ -9,7 +9,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from cctk.prune.andc import PrunePlan, RecognizedSets, prune_andc, prune_magnitude
+from cctk.prune.andc import RecognizedSets, prune_andc, prune_magnitude
 from cctk.prune.convert import convert_to_andc, density_summary
 from cctk.prune.finetune import finetune
 
