@@ -13,3 +13,7 @@ from cctk.ops.label_stats import (attention_label_stats, attention_label_stats_r
                                   linear_label_stats, linear_label_stats_ref)
 
 __all__ += ["linear_label_stats", "linear_label_stats_ref", "attention_label_stats", "attention_label_stats_ref"]
+
+from cctk.ops.attention import attention, attention_ref  # noqa: E402
+
+__all__ += ["attention", "attention_ref"]
