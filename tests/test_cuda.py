@@ -292,13 +292,64 @@ def test_attention_label_stats_triton_matches_torch(mode, dtype, B, H, T, dh, K)
     assert torch.equal(cnt_t, cnt_r)
 
 
-def test_label_stats_refuse_bad_labels_on_cuda():
+_BAD_LABELS_SCRIPT = r"""
+import sys, torch, cctk
+from cctk.ops import label_sum, linear_label_stats
+x = torch.randn(4, 8, device="cuda")
+labels = torch.tensor([0, 1, 2, 9], device="cuda")
+if sys.argv[1] == "label_sum":
+    sums, _ = label_sum(x, labels, 3, backend="ext")
+else:
+    _, sums, _ = linear_label_stats(x[:, None], torch.randn(16, 8, device="cuda"), None, labels, 3,
+                                    backend="triton")
+torch.cuda.synchronize()
+print("NO ERROR", sums.sum().item())
+"""
+
+
+@pytest.mark.parametrize("op", ["label_sum", "linear_label_stats"])
+def test_bad_labels_fail_on_the_device(op):
+    """On a GPU the label range is checked on the device (no host sync): a bad label fails the
+    stream with a device-side assert, which ends the process's CUDA context, so it runs in a
+    subprocess of its own. (The CPU path's ValueError is tested in test_label_stats / test_ext.)"""
+    if op == "label_sum":
+        _ext_cuda_or_skip()
+    else:
+        _triton_or_skip()
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _BAD_LABELS_SCRIPT, op], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "NO ERROR" not in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "assert" in r.stderr.lower(), r.stderr[-2000:]
+
+
+def test_label_ops_do_not_sync_the_host():
+    """label_sum (ext) and the fused ops (triton), validation included, enqueue no host sync, so
+    they can be captured in a CUDA graph (torch.cuda.set_sync_debug_mode raises on any sync)."""
     _triton_or_skip()
-    from cctk.ops import linear_label_stats
-    x = torch.randn(4, 5, 8, device=DEV)
-    w = torch.randn(16, 8, device=DEV)
-    with pytest.raises(ValueError):
-        linear_label_stats(x, w, None, torch.tensor([0, 1, 2, 9], device=DEV), 3, backend="triton")
+    from cctk import _ext
+    from cctk.ops import attention_label_stats, label_sum, linear_label_stats
+    x = torch.randn(8, 17, 40, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(72, 40, device=DEV, dtype=torch.bfloat16)
+    q = torch.randn(8, 2, 17, 16, device=DEV, dtype=torch.bfloat16)
+    labels = torch.randint(0, 5, (8,), device=DEV)
+    for mode in ("pooled", "token"):  # compile the Triton kernels before the sync check
+        linear_label_stats(x, w, None, labels, 5, mode=mode, backend="triton")
+        attention_label_stats(q, q, q, labels, 5, mode=mode, backend="triton")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode in ("pooled", "token"):
+            linear_label_stats(x, w, None, labels, 5, mode=mode, backend="triton")
+            attention_label_stats(q, q, q, labels, 5, mode=mode, backend="triton")
+        if _ext.has_cuda_kernels():
+            label_sum(x[:, 0], labels, 5, backend="ext")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # ----------------------------------------------------------------------------------- label_sum
@@ -316,5 +367,3 @@ def test_label_sum_cuda_matches_reference(dtype, B, N, K):
     err = rel_err(sums, sums_r)
     assert err <= 1e-5, f"label_sum error {err:.3g}"
     assert torch.equal(counts, counts_r)
-    with pytest.raises((ValueError, RuntimeError)):
-        label_sum(x, torch.full((B,), K, device=DEV, dtype=torch.int64), K, backend="ext")

@@ -333,6 +333,19 @@ def test_attention_label_stats_rejects_bad_input(backend, case):
             assert torch.equal(a, b), "a rejected call must write nothing"
 
 
+def test_label_counts_match_bincount_and_the_check_never_reads_labels_off_a_device():
+    """Counts by index_add_ equal bincount's. Off the CPU the range check is enqueued on the
+    device (torch._assert_async), never read back: on the meta device, which has no data to read,
+    the old host-side min/max raised; the check and the counts must still go through."""
+    from cctk.ops.label_sum import check_labels, label_counts
+    labels = torch.tensor([2, 0, 2, 4, 2])
+    counts = label_counts(labels, 6)
+    assert counts.dtype == torch.int64 and torch.equal(counts, torch.bincount(labels, minlength=6))
+    meta = torch.empty(5, dtype=torch.int64, device="meta")
+    check_labels(meta, 6, batch=5, device="meta")
+    assert label_counts(meta, 6).shape == (6,)
+
+
 def test_label_error_message_names_the_range():
     x, w, b, _ = _linear_inputs()
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
