@@ -109,6 +109,58 @@ def test_ext_forward_and_grads_match_masked_dense(in_f, out_f, B, M, dtype):
     check(bias.grad, gout.double().sum(0), dtype, "grad bias")
 
 
+# The shapes bench/gpu_bench.py times: >= 16384 rows give >= 2 x SMs CTAs of 128 tokens, so the
+# 128-token, 4-warp tensor-core kernels run for every block size (below that, 32-token tiles).
+# 16384 + 37 leaves a partial last token tile.
+TIMED_SHAPES = [(256, 512), (512, 256), (1024, 4096)]
+
+
+@pytest.mark.parametrize("in_f,out_f", TIMED_SHAPES)
+@pytest.mark.parametrize("B", [16, 32, 64])
+@pytest.mark.parametrize("M", [16384, 16384 + 37])
+def test_ext_timed_shapes_forward_and_input_grad(in_f, out_f, B, M):
+    """bf16 forward and input gradient at the timed shapes and row counts, every block size,
+    against float64 from the same operands: the configurations the benchmark reports."""
+    _ext_cuda_or_skip()
+    m = _bsr()
+    dtype = torch.bfloat16
+    x, w, bias, mask = make_case(M, in_f, out_f, B, dtype, density=0.25, seed=B + M % 7, uneven=True)
+    wm = masked_dense(w, mask, B)
+    values, crow, col = m.dense_to_bsr(wm, mask, B)
+    ccol, row, perm = m.bsr_transpose_index(crow, col, -(-in_f // B))
+    wd = wm.double()
+    dirty_allocator(M * max(in_f, out_f) * 4)
+    y = torch.ops.cctk.bsr_linear(x, values, crow, col, bias, out_f)
+    check(y, x.double() @ wd.T + bias.double(), dtype, "forward")
+    gout = torch.randn(M, out_f, device=DEV, dtype=dtype)
+    dirty_allocator(M * max(in_f, out_f) * 4)
+    gin = torch.ops.cctk.bsr_linear_backward_input(gout, values, ccol, row, perm, in_f)
+    check(gin, gout.double() @ wd, dtype, "grad x")
+
+
+def test_ext_graph_capture_matches_eager_and_reuses_the_order_cache():
+    """The ext op captured in a CUDA graph (after eager warm-up calls, as the benchmark does)
+    gives the eager result on replay, with fresh inputs copied into the static buffer."""
+    _ext_cuda_or_skip()
+    m = _bsr()
+    x, w, bias, mask = make_case(16384, 256, 512, 16, torch.bfloat16, density=0.25, uneven=True)
+    values, crow, col = m.dense_to_bsr(masked_dense(w, mask, 16), mask, 16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            torch.ops.cctk.bsr_linear(x, values, crow, col, bias, 512)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = torch.ops.cctk.bsr_linear(x, values, crow, col, bias, 512)
+    for seed in range(3):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, torch.ops.cctk.bsr_linear(x, values, crow, col, bias, 512))
+
+
 @pytest.mark.parametrize("B", [16, 64])
 def test_ext_float64_and_gradcheck(B):
     _ext_cuda_or_skip()
