@@ -1,21 +1,62 @@
 #!/usr/bin/env bash
-# One-call GPU check of cctk (issue 6): build the extension with its CUDA kernels, run the CUDA
-# and Triton tests, then the GPU benchmarks; prints a short table LAST.
+# Single-shot GPU check of cctk (issue 12): ONE call on a lent GPU, no rerun (a lent H200 has ~15
+# minutes in all, 1-3 of them for its start). Give the call timeout_s of about 500.
 #
-#   bench/gpu_check.sh OUT_DIR [--dry-run]
+#   bash bench/gpu_check.sh OUT_DIR             # on the GPU machine
+#   bash bench/gpu_check.sh --plan              # each section's budget; last line "total N s"
+#   bash bench/gpu_check.sh OUT_DIR --dry-run   # anywhere: no build, no GPU; the benchmark
+#                                               # script's CPU dry run, the files and the table
 #
-# Needs: one CUDA GPU, python3 with torch (CUDA build), triton, pytest, nvcc (CUDA toolkit); no
-# internet. Fits in ~8 minutes: build <= 200 s (sm_90 only unless TORCH_CUDA_ARCH_LIST is set),
-# tests <= 150 s, benchmarks get the rest of GPU_CHECK_BUDGET (default 450 s in all).
-# Writes into OUT_DIR: build.log, tests.log, bench.log, bench_stdout.log, results.json, table.txt,
-# check.log (+ sanitize.log with GPU_CHECK_SANITIZE=1: compute-sanitizer memcheck/racecheck of
-# small calls of the ext ops, ~1-2 extra minutes; raise GPU_CHECK_BUDGET to keep the bench time).
-# --dry-run: no build, the CPU smoke run of the benchmark script (tests skip without a GPU).
+# Order: environment + nvidia-smi; the extension build starts in the background (MAX_JOBS =
+# cores, this GPU's architecture only) while the Triton tests and the Triton / dense / torch-BSR
+# timings run; after the build: an ext smoke test at 16384 rows per block size, compute-sanitizer
+# memcheck (no caching allocator), the ext tests, graph-timed ext rows (1024->4096 first, then
+# 256/512 at 8192/16384 rows, then backward), the label-stats kernels timed directly, the pruned
+# CCT if time remains. results.json is written after every section; the table is printed LAST.
+# Files in OUT_DIR (7): check.log build.log tests.log sanitize.log bench.log results.json table.txt
+# Needs python3 with torch (CUDA), triton, pytest, nvcc; no internet. GPU_CHECK_TOTAL (default
+# 480) scales nothing: it is the deadline after which the remaining sections are skipped.
 set -u -o pipefail
+
+# ---- the plan: name, budget in seconds, what. "build" runs beside the two sections after it,
+# so it counts once, as the longest of the three (its own budget).
+PLAN=(
+  "env          10  environment, nvidia-smi, CUDA toolkit"
+  "build       210  extension build in the background (sm of this GPU, MAX_JOBS = cores); beside it:"
+  "triton_tests 95  | pytest: Triton tests (tests/test_bsr_triton.py, test_label_stats.py, test_cuda.py -k triton/label_stats)"
+  "triton_bench 95  | gpu_bench: ceilings + linear, providers dense/triton/torch_bsr"
+  "ext_smoke    25  pytest tests/test_cuda.py -k timed_shapes: ext fwd + input grad, 16384 rows, B = 16/32/64"
+  "memcheck     45  compute-sanitizer memcheck of bench/sanitize_ext.py, PYTORCH_NO_CUDA_MEMORY_CACHING=1"
+  "ext_tests    60  pytest tests/test_cuda.py: the other ext / label_sum / ANDCLinear tests"
+  "ext_bench    70  gpu_bench: linear (dense/ext, graph-timed under 0.2 ms) then backward"
+  "snp_bench    25  gpu_bench snp: label-stats kernels directly, the op's Python overhead apart"
+  "cct_bench    30  gpu_bench cct: pruned vs dense CCT-7/3x1 in CUDA graphs (and any time left)"
+  "table         5  summary and the table, last"
+)
+sec_budget() { local l want=$1; for l in "${PLAN[@]}"; do set -- $l; [ "$1" = "$want" ] && { echo "$2"; return; }; done; }
+plan_total() {  # sequential sections + the build block (build beside triton_tests + triton_bench)
+    local t=0 l name b par=0
+    for l in "${PLAN[@]}"; do
+        set -- $l; name=$1; b=$2
+        case "$name" in
+            triton_tests|triton_bench) par=$(( par + b )) ;;
+            *) t=$(( t + b )) ;;
+        esac
+    done
+    local bb; bb=$(sec_budget build)
+    [ "$par" -gt "$bb" ] && t=$(( t - bb + par ))
+    echo "$t"
+}
+
+if [ "${1:-}" = "--plan" ]; then
+    for l in "${PLAN[@]}"; do set -- $l; n=$1; b=$2; shift 2; printf '%-13s %4s s  %s\n' "$n" "$b" "$*"; done
+    echo "total $(plan_total) s"
+    exit 0
+fi
 
 OUT_DIR=${1:-}
 if [ -z "$OUT_DIR" ] || [ "$OUT_DIR" = "-h" ] || [ "$OUT_DIR" = "--help" ]; then
-    sed -n '2,12p' "$0"; exit 2
+    sed -n '2,19p' "$0"; exit 2
 fi
 DRY=0
 [ "${2:-}" = "--dry-run" ] && DRY=1
@@ -23,19 +64,60 @@ mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # the source tree, built in place
+export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-450}
+TOTAL=${GPU_CHECK_TOTAL:-$(plan_total)}
 T0=$(date +%s)
+STATE=$(mktemp -d)              # scratch outside OUT_DIR (at most 7 files there)
+trap 'rm -rf "$STATE"' EXIT
 CHECK_LOG="$OUT_DIR/check.log"
-: > "$CHECK_LOG"
+: > "$CHECK_LOG"; : > "$OUT_DIR/tests.log"; : > "$OUT_DIR/build.log"; : > "$OUT_DIR/sanitize.log"
+rm -f "$OUT_DIR/results.json" "$OUT_DIR/table.txt" "$OUT_DIR/bench.log"
 log() { echo "[gpu_check $(( $(date +%s) - T0 ))s] $*" | tee -a "$CHECK_LOG"; }
 elapsed() { echo $(( $(date +%s) - T0 )); }
+left() { echo $(( TOTAL - $(elapsed) )); }
+SUMMARY=()
+note() { SUMMARY+=("$*"); log "$*"; }
 
-# ---- environment
-log "repo $ROOT, out $OUT_DIR, python $($PY -c 'import sys; print(sys.version.split()[0])' 2>&1)"
+# run_pytest NAME BUDGET ARGS...: pytest into tests.log, capped at BUDGET seconds
+XDIST=""
+$PY -c "import xdist" >/dev/null 2>&1 && XDIST="-n 4"
+run_pytest() {
+    local name=$1 b=$2; shift 2
+    [ "$(left)" -lt 10 ] && { note "$name: skipped (deadline)"; return; }
+    [ "$b" -gt "$(left)" ] && b=$(left)
+    echo "===== $name: pytest $* (cap ${b}s)" >> "$OUT_DIR/tests.log"
+    timeout "$b" $PY -m pytest -q -p no:cacheprovider -o addopts="" "$@" >> "$OUT_DIR/tests.log" 2>&1
+    local rc=$? line
+    line=$(grep -E "[0-9]+ (passed|failed|error|skipped)" "$OUT_DIR/tests.log" | tail -1)
+    [ "$rc" = 124 ] && line="TIMED OUT after ${b}s"
+    note "$name: rc $rc: $line"
+}
+# run_bench NAME BUDGET ARGS...: gpu_bench.py sections appended to results.json / bench.log
+run_bench() {
+    local name=$1 b=$2; shift 2
+    [ "$(left)" -lt 15 ] && { note "$name: skipped (deadline)"; return; }
+    [ "$b" -gt "$(left)" ] && b=$(left)
+    local args=("$OUT_DIR" --append --budget $(( b > 20 ? b - 10 : 10 )) "$@")
+    [ "$DRY" = 1 ] && args+=(--dry-run)
+    log "$name: gpu_bench.py ${args[*]}"
+    timeout $(( b + 15 )) $PY bench/gpu_bench.py "${args[@]}" > "$STATE/$name.out" 2>&1
+    local rc=$?
+    grep -vE '^\[ *[0-9.]+s\]' "$STATE/$name.out" | grep -iE "error|traceback|warn" | head -5 >> "$CHECK_LOG"
+    note "$name: rc $rc"
+}
+
+# ---- env
+log "repo $ROOT, out $OUT_DIR, deadline ${TOTAL}s, dry run $DRY"
 $PY - <<'EOF' 2>&1 | tee -a "$CHECK_LOG"
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available() and torch.cuda.get_device_name(0))
+import os, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "cpus", os.cpu_count())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, "sm", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count,
+          "L2 MiB", round(getattr(p, "L2_cache_size", 0) / 2**20, 1), "mem GiB", round(p.total_memory / 2**30, 1))
 try:
     import triton; print("triton", triton.__version__)
 except Exception as e:
@@ -45,117 +127,104 @@ if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
         --format=csv 2>&1 | tee -a "$CHECK_LOG"
 fi
-(command -v git >/dev/null 2>&1 && git rev-parse HEAD 2>/dev/null && git status --short 2>/dev/null | head -20) \
-    >> "$CHECK_LOG" 2>&1 || true
+(command -v git >/dev/null 2>&1 && git rev-parse HEAD && git status --short | head -20) >> "$CHECK_LOG" 2>&1 || true
 
-# ---- CUDA toolkit: $CUDA_HOME, then the usual places, then the directory of nvcc
-find_cuda_home() {
-    local c nv d
+find_cuda_home() {  # $CUDA_HOME, the usual places, then the real nvcc behind the one on PATH
+    local c nv real
     for c in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda /usr/local/cuda-13.0 /usr/local/cuda-13 /opt/cuda \
              /usr/local/cuda-*; do
         if [ -n "$c" ] && [ -f "$c/include/cuda_runtime.h" ] && [ -x "$c/bin/nvcc" ]; then echo "$c"; return 0; fi
     done
     if nv=$(command -v nvcc 2>/dev/null); then
-        d=$(cd "$(dirname "$(readlink -f "$nv")")/.." && pwd)
-        if [ -f "$d/include/cuda_runtime.h" ]; then echo "$d"; return 0; fi
+        real=$(grep -oE '/[^ "]*/bin/nvcc' "$nv" 2>/dev/null | head -n 1)
+        [ -n "$real" ] || real=$(readlink -f "$nv")
+        c=$(cd "$(dirname "$real")/.." && pwd)
+        if [ -f "$c/include/cuda_runtime.h" ]; then echo "$c"; return 0; fi
     fi
     return 1
 }
 
-BUILD_STATUS="skipped (dry run)"
+# ---- build, in the background
+BUILD_PID=""
 if [ "$DRY" = 0 ]; then
     if CH=$(find_cuda_home); then
-        export CUDA_HOME="$CH"
-        export PATH="$CUDA_HOME/bin:$PATH"
+        export CUDA_HOME="$CH" PATH="$CH/bin:$PATH"
         log "CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tail -2 | head -1))"
     else
-        log "no CUDA toolkit found (CUDA_HOME, /usr/local/cuda*, nvcc on PATH): the CUDA build will fail"
+        note "no CUDA toolkit found (CUDA_HOME, /usr/local/cuda*, nvcc on PATH): the CUDA build will fail"
     fi
-    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; p=torch.cuda.get_device_capability(0); print(f"{p[0]}.{p[1]}")' 2>/dev/null || echo "8.0;9.0")}
-    export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}
-    log "building: CCTK_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS pip install --no-build-isolation --no-deps -e ."
-    if CCTK_FORCE_CUDA=1 timeout 200 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT_DIR/build.log" 2>&1; then
-        BUILD_STATUS="pip install -e OK"
-    else
-        log "pip install failed (rc $?, see build.log); trying setup.py build_ext --inplace"
-        if CCTK_FORCE_CUDA=1 timeout $(( 230 - $(elapsed) > 30 ? 230 - $(elapsed) : 30 )) \
-                $PY setup.py build_ext --inplace >> "$OUT_DIR/build.log" 2>&1; then
-            BUILD_STATUS="build_ext --inplace OK"
-        else
-            BUILD_STATUS="FAILED (see build.log)"
-            tail -30 "$OUT_DIR/build.log" | tee -a "$CHECK_LOG"
-        fi
-    fi
-    log "build: $BUILD_STATUS ($(elapsed)s)"
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; p=torch.cuda.get_device_capability(0); print(f"{p[0]}.{p[1]}")' 2>/dev/null || echo "9.0")}
+    export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}
+    log "build (background): CCTK_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS setup.py build_ext --inplace"
+    ( CCTK_FORCE_CUDA=1 timeout "$(sec_budget build)" $PY setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1
+      echo $? > "$STATE/build_rc" ) &
+    BUILD_PID=$!
+fi
+
+# ---- beside the build: Triton tests and the Triton / dense / torch-BSR timings
+if [ "$DRY" = 0 ]; then
+    run_pytest triton_tests "$(sec_budget triton_tests)" $XDIST tests/test_bsr_triton.py tests/test_label_stats.py \
+        tests/test_cuda.py -k "triton or label_stats"
+fi
+run_bench triton_bench "$(sec_budget triton_bench)" --sections ceilings,linear --providers dense,triton,torch_bsr
+
+# ---- the build's end
+BUILD_STATUS="skipped (dry run)"
+if [ -n "$BUILD_PID" ]; then
+    wait "$BUILD_PID"
+    BRC=$(cat "$STATE/build_rc" 2>/dev/null || echo "?")
+    case "$BRC" in
+        0) BUILD_STATUS="OK" ;;
+        124) BUILD_STATUS="TIMED OUT after $(sec_budget build)s (see build.log)" ;;
+        *) BUILD_STATUS="FAILED rc $BRC (see build.log)"; tail -20 "$OUT_DIR/build.log" >> "$CHECK_LOG" ;;
+    esac
+    note "build: $BUILD_STATUS ($(elapsed)s)"
 fi
 EXT_INFO=$($PY -c 'import warnings; warnings.simplefilter("ignore"); import cctk; from cctk import _ext; print(_ext.info())' 2>&1 | tail -1)
 log "extension: $EXT_INFO"
-case "$EXT_INFO" in
-    *"'cuda_kernels': True"*) ;;
-    *) [ "$DRY" = 0 ] && BUILD_STATUS="$BUILD_STATUS; !! NO CUDA KERNELS IN cctk._C" ;;
-esac
+EXT_OK=0
+case "$EXT_INFO" in *"'cuda_kernels': True"*) EXT_OK=1 ;; esac
+[ "$DRY" = 0 ] && [ "$EXT_OK" = 0 ] && note "!! NO CUDA KERNELS IN cctk._C: the ext sections test and time nothing"
 
-# ---- optional: compute-sanitizer (memcheck, racecheck) over small calls of the three ext ops
-if [ "${GPU_CHECK_SANITIZE:-0}" = 1 ] && [ "$DRY" = 0 ]; then
+# ---- after the build
+if [ "$DRY" = 0 ] && [ "$EXT_OK" = 1 ]; then
+    run_pytest ext_smoke "$(sec_budget ext_smoke)" tests/test_cuda.py -k timed_shapes
     SAN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null || true)
-    if [ -n "$SAN" ]; then
-        cat > "$OUT_DIR/sanitize_ops.py" <<'PYEOF'
-import importlib, torch, cctk
-bl = importlib.import_module("cctk.ops.bsr_linear")
-for dtype in (torch.bfloat16, torch.float32):
-    for (i, o, B, M) in ((40, 72, 16, 33), (44, 100, 32, 5), (96, 80, 64, 130)):
-        g = torch.Generator().manual_seed(0)
-        mask = (torch.rand(-(-o // B), -(-i // B), generator=g) < 0.5).cuda()
-        w = torch.randn(o, i, device="cuda", dtype=dtype)
-        v, crow, col = bl.dense_to_bsr(w, mask, B)
-        x = torch.randn(M, i, device="cuda", dtype=dtype, requires_grad=True)
-        v.requires_grad_(True)
-        y = bl.bsr_linear(x, v, crow, col, None, o, backend="ext")
-        y.backward(torch.randn_like(y))
-torch.cuda.synchronize()
-print("sanitized calls done")
-PYEOF
-        for tool in memcheck racecheck; do
-            log "compute-sanitizer --tool $tool (small ext calls)"
-            timeout 120 "$SAN" --tool $tool --print-limit 20 --kernel-name kns=bsr_ \
-                $PY "$OUT_DIR/sanitize_ops.py" >> "$OUT_DIR/sanitize.log" 2>&1
-            log "  $tool rc $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT_DIR/sanitize.log" | tail -1)"
-        done
-        rm -f "$OUT_DIR/sanitize_ops.py"
+    if [ -z "$SAN" ]; then
+        note "memcheck: no compute-sanitizer found"
+    elif [ "$(left)" -lt 20 ]; then
+        note "memcheck: skipped (deadline)"
     else
-        log "GPU_CHECK_SANITIZE=1 but no compute-sanitizer found"
+        b=$(sec_budget memcheck)
+        log "memcheck: PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SAN --tool memcheck $PY bench/sanitize_ext.py"
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$b" "$SAN" --tool memcheck --leak-check no --print-limit 20 \
+            --error-exitcode 99 $PY bench/sanitize_ext.py >> "$OUT_DIR/sanitize.log" 2>&1
+        rc=$?
+        note "memcheck: rc $rc$([ "$rc" = 124 ] && echo " (timed out)"): $(grep -E 'ERROR SUMMARY' "$OUT_DIR/sanitize.log" | tail -1)"
     fi
+    run_pytest ext_tests "$(sec_budget ext_tests)" $XDIST tests/test_cuda.py -k "not triton and not label_stats and not timed_shapes"
 fi
-
-# ---- tests
-XDIST=""
-$PY -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
-log "tests: pytest tests/test_cuda.py tests/test_bsr_triton.py -q $XDIST"
-timeout 150 $PY -m pytest tests/test_cuda.py tests/test_bsr_triton.py -q -p no:cacheprovider $XDIST \
-    -o addopts="" > "$OUT_DIR/tests.log" 2>&1
-TEST_RC=$?
-TEST_LINE=$(grep -E "passed|failed|error|skipped" "$OUT_DIR/tests.log" | tail -1)
-[ "$TEST_RC" = 124 ] && TEST_LINE="TIMED OUT after 150 s; last: $TEST_LINE"
-grep -E "^(FAILED|ERROR)" "$OUT_DIR/tests.log" | head -15 | tee -a "$CHECK_LOG"
-log "tests: rc $TEST_RC: $TEST_LINE"
-
-# ---- benchmarks: the rest of the budget
-LEFT=$(( BUDGET - $(elapsed) - 15 ))
-[ "$LEFT" -lt 60 ] && LEFT=60
-BENCH_ARGS=("$OUT_DIR" --budget "$LEFT")
-[ "$DRY" = 1 ] && BENCH_ARGS=("$OUT_DIR" --budget 60 --dry-run)
-log "bench: gpu_bench.py ${BENCH_ARGS[*]}"
-PYTHONUNBUFFERED=1 timeout $(( LEFT + 30 )) $PY bench/gpu_bench.py "${BENCH_ARGS[@]}" > "$OUT_DIR/bench_stdout.log" 2>&1
-BENCH_RC=$?
-log "bench: rc $BENCH_RC ($(elapsed)s in all)"
+if [ "$EXT_OK" = 1 ] || [ "$DRY" = 1 ]; then   # the dry run times the C++ (CPU) kernels instead
+    run_bench ext_bench "$(sec_budget ext_bench)" --sections linear,backward --providers dense,ext
+fi
+run_bench snp_bench "$(sec_budget snp_bench)" --sections snp
+CCT_B=$(( $(left) - $(sec_budget table) ))
+[ "$CCT_B" -gt "$(sec_budget cct_bench)" ] || CCT_B=$(sec_budget cct_bench)
+if [ "$EXT_OK" = 1 ] || [ "$DRY" = 1 ]; then
+    run_bench cct_bench "$CCT_B" --sections cct
+else
+    run_bench cct_bench "$CCT_B" --sections cct --providers dense,triton
+fi
 
 # ---- summary, then the table LAST
-echo
-echo "== gpu_check summary ($(elapsed)s): build: $BUILD_STATUS | tests: $TEST_LINE | bench rc $BENCH_RC | files: $OUT_DIR"
-if [ -f "$OUT_DIR/table.txt" ]; then
-    cat "$OUT_DIR/table.txt"
+NFILES=$(find "$OUT_DIR" -type f | wc -l)
+{
+    echo
+    echo "== gpu_check summary ($(elapsed)s of ${TOTAL}s; $NFILES files in $OUT_DIR; build: $BUILD_STATUS)"
+    for s in "${SUMMARY[@]}"; do echo "  $s"; done
+} | tee -a "$CHECK_LOG"
+if [ -f "$OUT_DIR/results.json" ]; then
+    $PY bench/gpu_bench.py "$OUT_DIR" --table-only 2>&1 | tail -60
 else
-    echo "no table: the benchmark script did not finish; last lines of its output:"
-    tail -25 "$OUT_DIR/bench_stdout.log"
+    echo "no results.json: no benchmark section finished; see check.log and bench.log"
 fi
-[ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]

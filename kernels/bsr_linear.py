@@ -57,7 +57,10 @@ def _kernels():
     triton, tl = _triton()
 
     # Sizes that only enter masks and loop bounds are not specialised on (fewer compilations
-    # across row counts); strides stay specialised (16-divisibility enables wide loads).
+    # across row counts); strides stay specialised (16-divisibility enables wide loads). A mask
+    # on the contiguous dimension built from an unspecialised size has unknown divisibility, which
+    # Triton's axis analysis turns into 2-byte loads: EVEN_K / EVEN_N (the feature size is a
+    # multiple of B) drop those masks, so aligned shapes get 16-byte loads / cp.async.
     @triton.jit(do_not_specialize=["M", "k_features", "n_features", "n_block_out"])
     def _bsr_linear_forward_kernel(
         a_ptr, v_ptr, ptr_ptr, idx_ptr, perm_ptr, bias_ptr, out_ptr,
@@ -65,6 +68,7 @@ def _kernels():
         stride_am, stride_ak, stride_om, stride_on,
         HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, TRANS_V: tl.constexpr,
         B: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+        EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     ):
         """out[:, o*B:(o+1)*B] = sum_{e in ptr[o]:ptr[o+1]} a[:, idx[e]*B:...] @ op(values[p(e)]).
 
@@ -87,8 +91,12 @@ def _kernels():
             else:
                 vi = e
             k = kb * B + offs_b
+            if EVEN_K:
+                a_mask = m_mask[:, None]
+            else:
+                a_mask = m_mask[:, None] & (k[None, :] < k_features)
             a_tile = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :] * stride_ak,
-                             mask=m_mask[:, None] & (k[None, :] < k_features), other=0.0)
+                             mask=a_mask, other=0.0)
             v_base = v_ptr + vi * (B * B)
             if TRANS_V:   # w[kk, n] = values[vi][n, kk]
                 w_tile = tl.load(v_base + offs_b[None, :] * B + offs_b[:, None])
@@ -99,11 +107,17 @@ def _kernels():
                 w_tile = w_tile.to(tl.float32)
             acc = tl.dot(a_tile, w_tile, acc, input_precision=INPUT_PRECISION)
         n = o * B + offs_b
-        n_mask = n < n_features
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if EVEN_N:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + n).to(tl.float32)[None, :]
+            out_mask = m_mask[:, None]
+        else:
+            n_mask = n < n_features
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            out_mask = m_mask[:, None] & n_mask[None, :]
         tl.store(out_ptr + offs_m[:, None] * stride_om + n[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit(do_not_specialize=["M", "rows_per_split", "nnz", "out_features", "in_features"])
     def _bsr_linear_backward_weight_kernel(
@@ -111,6 +125,7 @@ def _kernels():
         M, rows_per_split, nnz,
         stride_gm, stride_gn, stride_xm, stride_xk, out_features, in_features,
         B: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         """part[s, i] = gout[m_s, r*B:(r+1)*B]^T @ x[m_s, c*B:(c+1)*B] over this split's tokens m_s."""
         i = tl.program_id(0)
@@ -128,10 +143,18 @@ def _kernels():
         for m0 in range(m_lo, m_hi, BLOCK_M):
             offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
             m_mask = offs_m < m_hi
+            if EVEN_N:  # out_features % B == 0: no mask on gout's contiguous dimension
+                g_mask = m_mask[:, None]
+            else:
+                g_mask = m_mask[:, None] & na_mask[None, :]
+            if EVEN_K:
+                x_mask = m_mask[:, None]
+            else:
+                x_mask = m_mask[:, None] & kb_mask[None, :]
             g = tl.load(gout_ptr + offs_m[:, None] * stride_gm + na[None, :] * stride_gn,
-                        mask=m_mask[:, None] & na_mask[None, :], other=0.0)
+                        mask=g_mask, other=0.0)
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + kb[None, :] * stride_xk,
-                         mask=m_mask[:, None] & kb_mask[None, :], other=0.0)
+                         mask=x_mask, other=0.0)
             if DOT_F32:
                 g = g.to(tl.float32)
                 xt = xt.to(tl.float32)
@@ -258,7 +281,8 @@ def bsr_linear_triton(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor,
         M, in_features, out_features, n_rows,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, HAS_PERM=False, TRANS_V=True,
-        B=B, BLOCK_M=BM, INPUT_PRECISION=_input_precision(x.dtype, allow_tf32), DOT_F32=_dot_f32(x.dtype), **_launch_opts(dev))
+        B=B, BLOCK_M=BM, INPUT_PRECISION=_input_precision(x.dtype, allow_tf32), DOT_F32=_dot_f32(x.dtype),
+        EVEN_K=in_features % B == 0, EVEN_N=out_features % B == 0, **_launch_opts(dev))
     return out
 
 
@@ -288,7 +312,9 @@ def bsr_linear_backward_input_triton(grad_out: torch.Tensor, values: torch.Tenso
         M, out_features, in_features, n_cols,
         grad_out.stride(0), grad_out.stride(1), gin.stride(0), gin.stride(1),
         HAS_BIAS=False, HAS_PERM=True, TRANS_V=False,
-        B=B, BLOCK_M=BM, INPUT_PRECISION=_input_precision(grad_out.dtype, allow_tf32), DOT_F32=_dot_f32(grad_out.dtype), **_launch_opts(dev))
+        B=B, BLOCK_M=BM, INPUT_PRECISION=_input_precision(grad_out.dtype, allow_tf32),
+        DOT_F32=_dot_f32(grad_out.dtype), EVEN_K=out_features % B == 0, EVEN_N=in_features % B == 0,
+        **_launch_opts(dev))
     return gin
 
 
@@ -339,7 +365,8 @@ def bsr_linear_backward_weight_triton(grad_out: torch.Tensor, x: torch.Tensor, c
         grad_out, x, brow, col, part,
         M, rows_per_split, nnz,
         grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), out_features, in_features,
-        B=B, BLOCK_M=BM, INPUT_PRECISION=_input_precision(x.dtype, allow_tf32), DOT_F32=_dot_f32(x.dtype), **_launch_opts(dev))
+        B=B, BLOCK_M=BM, INPUT_PRECISION=_input_precision(x.dtype, allow_tf32), DOT_F32=_dot_f32(x.dtype),
+        EVEN_N=out_features % B == 0, EVEN_K=in_features % B == 0, **_launch_opts(dev))
     gval = part[0] if splits == 1 else part.sum(0)
     return gval.to(x.dtype)
 

@@ -14,7 +14,8 @@ Statistics, with label k = labels[b] and T tokens per sample:
       pooled:  sums[k, n]    += (1 / T) * sum_t out[b, t, n]       (the token mean)
       token:   sums[k, t, n] += out[b, t, n]
 The sums are taken from the outputs as stored (rounded to the output dtype) and accumulated in
-fp32; the atomics make the order of the additions (hence the last bits of the sums) vary from run
+fp32; the atomics are ``sem="relaxed"`` (plain sums: no other memory is ordered by them, and
+the default ``acq_rel`` would add fences to every one); they make the order of the additions (hence the last bits of the sums) vary from run
 to run on a GPU. Each program owns one sample's row tile (a tile never straddles two samples), so the label
 of a tile is the scalar ``labels[b]``. The per-label counts (an O(B) bincount) are the caller's
 (``cctk.ops.label_stats``). The launchers here do no validation: ``cctk.ops.label_stats`` validates first.
@@ -120,10 +121,11 @@ def _linear_label_stats_forward_kernel(
     stat = tl.where(tile_mask, out_tile.to(tl.float32), 0.0)
     label = tl.load(Labels_ptr + b * Labels_stride)
     if MODE == 0:
-        tl.atomic_add(Sums_ptr + label * D_out + n_offs, tl.sum(stat, axis=0) * inv_T, mask=n_mask)
+        tl.atomic_add(Sums_ptr + label * D_out + n_offs, tl.sum(stat, axis=0) * inv_T, mask=n_mask,
+                      sem="relaxed")
     else:
         tl.atomic_add(Sums_ptr + label * T * D_out + t_offs[:, None] * D_out + n_offs[None, :],
-                      stat, mask=tile_mask)
+                      stat, mask=tile_mask, sem="relaxed")
 
 
 @triton.jit
@@ -203,10 +205,11 @@ def _attention_label_stats_forward_kernel(
     nodes = H * D_head
     node_offs = h * D_head + d_offs
     if MODE == 0:
-        tl.atomic_add(Sums_ptr + label * nodes + node_offs, tl.sum(stat, axis=0) * inv_T, mask=d_mask)
+        tl.atomic_add(Sums_ptr + label * nodes + node_offs, tl.sum(stat, axis=0) * inv_T, mask=d_mask,
+                      sem="relaxed")
     else:
         tl.atomic_add(Sums_ptr + label * T * nodes + m_offs[:, None] * nodes + node_offs[None, :],
-                      stat, mask=tile_mask)
+                      stat, mask=tile_mask, sem="relaxed")
 
 
 def _pow2_block(n: int, lo: int, hi: int) -> int:

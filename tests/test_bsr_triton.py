@@ -232,61 +232,51 @@ def test_import_without_triton_is_lazy():
         importlib.reload(k)
 
 
-_AOT_SCRIPT = r"""
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from cctk.kernels import bsr_linear as k
-
-arch = int(sys.argv[1])
-fwd, wgrad = k._kernels()
-
-
-def compile_(fn, types, consts):
-    sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
-    try:
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    except TypeError as e:
-        print("API-MISMATCH", e)
-        sys.exit(3)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=3))
-
-
-for B, BM, dt in ((64, 64, "bf16"), (16, 128, "fp16"), (32, 128, "fp32")):
-    types = dict(a_ptr=f"*{dt}", v_ptr=f"*{dt}", ptr_ptr="*i32", idx_ptr="*i32", perm_ptr="*i32",
-                 bias_ptr=f"*{dt}", out_ptr=f"*{dt}", M="i32", k_features="i32", n_features="i32",
-                 n_block_out="i32", stride_am="i32", stride_ak="i32", stride_om="i32", stride_on="i32")
-    for trans, perm in ((True, False), (False, True)):
-        consts = dict(HAS_BIAS=trans, HAS_PERM=perm, TRANS_V=trans, B=B, BLOCK_M=BM,
-                      INPUT_PRECISION="ieee" if dt == "fp32" else "tf32", DOT_F32=False)
-        ptx = compile_(fwd, types, consts).asm["ptx"]
-        assert ("mma" in ptx) == (dt != "fp32"), ("forward", B, dt, arch)
-    types = dict(gout_ptr=f"*{dt}", x_ptr=f"*{dt}", brow_ptr="*i32", col_ptr="*i32", part_ptr="*fp32",
-                 M="i32", rows_per_split="i32", nnz="i32", stride_gm="i32", stride_gn="i32", stride_xm="i32",
-                 stride_xk="i32", out_features="i32", in_features="i32")
-    consts = dict(B=B, BLOCK_M=BM if B < 64 else 64, INPUT_PRECISION="ieee" if dt == "fp32" else "tf32",
-                  DOT_F32=False)
-    ptx = compile_(wgrad, types, consts).asm["ptx"]
-    assert ("mma" in ptx) == (dt != "fp32"), ("weight grad", B, dt, arch)
-print("COMPILED")
-"""
-
-
-@pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_compile_ahead_of_time_for_ampere_and_hopper(arch):
-    """Compile without a GPU what the interpreter cannot check: every kernel lowers to PTX and
-    cubin for sm_80 / sm_90, with tensor-core (mma) instructions for bf16/fp16 and none for IEEE
-    fp32. Run in a fresh process without TRITON_INTERPRET (which swaps @triton.jit for the
-    interpreter)."""
+def run_compile_check(tmp_path, *args):
+    """``python -m cctk.kernels.compile_check --out tmp_path ARGS`` in a fresh process without
+    TRITON_INTERPRET (which swaps @triton.jit for the interpreter); returns its output lines."""
     import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch)], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=600)
-    if r.returncode == 3 and "API-MISMATCH" in r.stdout:
-        pytest.skip(f"triton {triton.__version__}: ASTSource takes another form: {r.stdout.strip()}")
-    assert r.returncode == 0 and "COMPILED" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    r = subprocess.run([sys.executable, "-m", "cctk.kernels.compile_check", "--out", str(tmp_path), *args],
+                       env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout.splitlines()
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_ahead_of_time_for_ampere_and_hopper(arch, tmp_path):
+    """Compile without a GPU what the interpreter cannot check: the three kernels lower to PTX
+    and cubin for sm_80 / sm_90, with tensor-core (mma) instructions for bf16 and none for IEEE
+    fp32 (B = 32, aligned and masked edges; ``python -m cctk.kernels.compile_check`` does all)."""
+    lines = run_compile_check(tmp_path, "--arch", str(arch), "--kernel", "bsr_forward", "--kernel",
+                              "bsr_backward_input", "--kernel", "bsr_backward_weight", "--dtype", "bf16",
+                              "--dtype", "fp32", "--block", "32")
+    assert len(lines) == 3 * 2 * 2, lines            # kernels x dtypes x (even, odd)
+    for line in lines:
+        assert ("tensor cores yes" in line) == ("_bf16_" in line), line
+    assert len(list(tmp_path.glob("bsr_*.ptx"))) == len(lines)
+
+
+def test_bf16_forward_of_aligned_shapes_loads_16_bytes(tmp_path):
+    """Feature sizes a multiple of B (EVEN_K / EVEN_N): x is read with 16-byte global loads
+    (cp.async / ld.global.v4); with masked edges the loads fall to 2 bytes, which shows the check
+    can fail. Read off the sm_90 PTX written by ``compile_check``."""
+    from cctk.kernels.compile_check import global_load_widths
+    run_compile_check(tmp_path, "--arch", "90", "--kernel", "bsr_forward", "--dtype", "bf16", "--block", "64")
+    even = global_load_widths((tmp_path / "bsr_forward_bf16_B64_even.ptx").read_text())
+    odd = global_load_widths((tmp_path / "bsr_forward_bf16_B64_odd.ptx").read_text())
+    assert 16 in even and 2 not in even, even
+    assert 2 in odd, odd
+
+
+def test_global_load_widths_reads_ptx():
+    from cctk.kernels.compile_check import global_load_widths
+    ptx = ("ld.global.nc.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n"
+           "ld.global.L1::evict_last.b16 %rs1, [%rd2];\n"
+           "cp.async.cg.shared.global [ %r5 + 0 ], [ %rd3 + 0 ], 0x10, %r6;\n"
+           "cp.async.ca.shared.global [ %r7 + 0 ], [ %rd4 + 0 ], 0x4, %r8;\n")
+    assert global_load_widths(ptx) == [2, 4, 16]

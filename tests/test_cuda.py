@@ -109,6 +109,58 @@ def test_ext_forward_and_grads_match_masked_dense(in_f, out_f, B, M, dtype):
     check(bias.grad, gout.double().sum(0), dtype, "grad bias")
 
 
+# The shapes bench/gpu_bench.py times: >= 16384 rows give >= 2 x SMs CTAs of 128 tokens, so the
+# 128-token, 4-warp tensor-core kernels run for every block size (below that, 32-token tiles).
+# 16384 + 37 leaves a partial last token tile.
+TIMED_SHAPES = [(256, 512), (512, 256), (1024, 4096)]
+
+
+@pytest.mark.parametrize("in_f,out_f", TIMED_SHAPES)
+@pytest.mark.parametrize("B", [16, 32, 64])
+@pytest.mark.parametrize("M", [16384, 16384 + 37])
+def test_ext_timed_shapes_forward_and_input_grad(in_f, out_f, B, M):
+    """bf16 forward and input gradient at the timed shapes and row counts, every block size,
+    against float64 from the same operands: the configurations the benchmark reports."""
+    _ext_cuda_or_skip()
+    m = _bsr()
+    dtype = torch.bfloat16
+    x, w, bias, mask = make_case(M, in_f, out_f, B, dtype, density=0.25, seed=B + M % 7, uneven=True)
+    wm = masked_dense(w, mask, B)
+    values, crow, col = m.dense_to_bsr(wm, mask, B)
+    ccol, row, perm = m.bsr_transpose_index(crow, col, -(-in_f // B))
+    wd = wm.double()
+    dirty_allocator(M * max(in_f, out_f) * 4)
+    y = torch.ops.cctk.bsr_linear(x, values, crow, col, bias, out_f)
+    check(y, x.double() @ wd.T + bias.double(), dtype, "forward")
+    gout = torch.randn(M, out_f, device=DEV, dtype=dtype)
+    dirty_allocator(M * max(in_f, out_f) * 4)
+    gin = torch.ops.cctk.bsr_linear_backward_input(gout, values, ccol, row, perm, in_f)
+    check(gin, gout.double() @ wd, dtype, "grad x")
+
+
+def test_ext_graph_capture_matches_eager_and_reuses_the_order_cache():
+    """The ext op captured in a CUDA graph (after eager warm-up calls, as the benchmark does)
+    gives the eager result on replay, with fresh inputs copied into the static buffer."""
+    _ext_cuda_or_skip()
+    m = _bsr()
+    x, w, bias, mask = make_case(16384, 256, 512, 16, torch.bfloat16, density=0.25, uneven=True)
+    values, crow, col = m.dense_to_bsr(masked_dense(w, mask, 16), mask, 16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            torch.ops.cctk.bsr_linear(x, values, crow, col, bias, 512)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = torch.ops.cctk.bsr_linear(x, values, crow, col, bias, 512)
+    for seed in range(3):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, torch.ops.cctk.bsr_linear(x, values, crow, col, bias, 512))
+
+
 @pytest.mark.parametrize("B", [16, 64])
 def test_ext_float64_and_gradcheck(B):
     _ext_cuda_or_skip()
@@ -292,13 +344,64 @@ def test_attention_label_stats_triton_matches_torch(mode, dtype, B, H, T, dh, K)
     assert torch.equal(cnt_t, cnt_r)
 
 
-def test_label_stats_refuse_bad_labels_on_cuda():
+_BAD_LABELS_SCRIPT = r"""
+import sys, torch, cctk
+from cctk.ops import label_sum, linear_label_stats
+x = torch.randn(4, 8, device="cuda")
+labels = torch.tensor([0, 1, 2, 9], device="cuda")
+if sys.argv[1] == "label_sum":
+    sums, _ = label_sum(x, labels, 3, backend="ext")
+else:
+    _, sums, _ = linear_label_stats(x[:, None], torch.randn(16, 8, device="cuda"), None, labels, 3,
+                                    backend="triton")
+torch.cuda.synchronize()
+print("NO ERROR", sums.sum().item())
+"""
+
+
+@pytest.mark.parametrize("op", ["label_sum", "linear_label_stats"])
+def test_bad_labels_fail_on_the_device(op):
+    """On a GPU the label range is checked on the device (no host sync): a bad label fails the
+    stream with a device-side assert, which ends the process's CUDA context, so it runs in a
+    subprocess of its own. (The CPU path's ValueError is tested in test_label_stats / test_ext.)"""
+    if op == "label_sum":
+        _ext_cuda_or_skip()
+    else:
+        _triton_or_skip()
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _BAD_LABELS_SCRIPT, op], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "NO ERROR" not in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "assert" in r.stderr.lower(), r.stderr[-2000:]
+
+
+def test_label_ops_do_not_sync_the_host():
+    """label_sum (ext) and the fused ops (triton), validation included, enqueue no host sync, so
+    they can be captured in a CUDA graph (torch.cuda.set_sync_debug_mode raises on any sync)."""
     _triton_or_skip()
-    from cctk.ops import linear_label_stats
-    x = torch.randn(4, 5, 8, device=DEV)
-    w = torch.randn(16, 8, device=DEV)
-    with pytest.raises(ValueError):
-        linear_label_stats(x, w, None, torch.tensor([0, 1, 2, 9], device=DEV), 3, backend="triton")
+    from cctk import _ext
+    from cctk.ops import attention_label_stats, label_sum, linear_label_stats
+    x = torch.randn(8, 17, 40, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(72, 40, device=DEV, dtype=torch.bfloat16)
+    q = torch.randn(8, 2, 17, 16, device=DEV, dtype=torch.bfloat16)
+    labels = torch.randint(0, 5, (8,), device=DEV)
+    for mode in ("pooled", "token"):  # compile the Triton kernels before the sync check
+        linear_label_stats(x, w, None, labels, 5, mode=mode, backend="triton")
+        attention_label_stats(q, q, q, labels, 5, mode=mode, backend="triton")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode in ("pooled", "token"):
+            linear_label_stats(x, w, None, labels, 5, mode=mode, backend="triton")
+            attention_label_stats(q, q, q, labels, 5, mode=mode, backend="triton")
+        if _ext.has_cuda_kernels():
+            label_sum(x[:, 0], labels, 5, backend="ext")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # ----------------------------------------------------------------------------------- label_sum
@@ -316,5 +419,3 @@ def test_label_sum_cuda_matches_reference(dtype, B, N, K):
     err = rel_err(sums, sums_r)
     assert err <= 1e-5, f"label_sum error {err:.3g}"
     assert torch.equal(counts, counts_r)
-    with pytest.raises((ValueError, RuntimeError)):
-        label_sum(x, torch.full((B,), K, device=DEV, dtype=torch.int64), K, backend="ext")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cctk.ops._library import define
-from cctk.ops.label_sum import check_labels
+from cctk.ops.label_sum import check_labels, label_counts
 
 MODES = ("pooled", "token")
 ACTIVATIONS = ("gelu", "none")
@@ -38,11 +38,6 @@ TRITON_MAX_HEAD_DIM = 256   # = cctk.kernels.label_stats.MAX_HEAD_DIM (a head is
 
 
 # ----------------------------------------------------------------------------- torch twins
-
-def label_counts(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """counts[k] = #{b : labels[b] = k}, int64 (K,); labels already checked to lie in [0, K)."""
-    return torch.bincount(labels, minlength=num_labels).to(torch.int64)
-
 
 def _per_label_sums(values: torch.Tensor, labels: torch.Tensor, num_labels: int):
     """sums[k, ...] = sum_{b : labels[b] = k} values[b, ...] in fp32, and counts (K,).

@@ -606,44 +606,65 @@ at::Tensor compute_order(const at::Tensor& ptr) {
 // A cached order computed on one stream and used on another: the user's stream waits for the
 // event recorded after its computation, and the tensor is marked used there (record_stream), so
 // neither a read-before-write nor a reuse of its memory after eviction can race.
+// CUDA-graph capture uses the cache too (else every captured call would sort), but may neither
+// wait on an event recorded outside the capture nor query one, so it takes only an entry already
+// seen complete by an eager call (`done`, set from a query outside capture) and pins it: a graph
+// may replay it at any later time, so a pinned entry is never evicted. An entry not yet seen
+// complete is recomputed inside the capture (in the graph's private pool), as without a cache.
 struct OrderEntry {
   at::Tensor order;
   cudaStream_t stream;
   std::shared_ptr<at::cuda::CUDAEvent> ready;
+  bool done = false;    // the event was seen complete (queried outside capture)
+  bool pinned = false;  // read by a captured graph: kept for the life of the process
 };
 
 at::Tensor block_order(const at::Tensor& ptr) {
   static std::mutex mu;
   static std::unordered_map<OrderKey, OrderEntry, OrderKeyHash> cache;
-  static std::list<OrderKey> fifo;
+  static std::list<OrderKey> fifo;  // insertion order of the unpinned entries
   constexpr size_t kCap = 256;
   auto cur = at::cuda::getCurrentCUDAStream();
-  // Never cache inside CUDA graph capture: the tensors would live in the graph's private pool.
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(cur.stream(), &capture));
-  if (capture != cudaStreamCaptureStatusNone) return compute_order(ptr);
+  const bool capturing = capture != cudaStreamCaptureStatusNone;
   // Inference tensors have no version counter (_version() throws): key them with -1. A stale
   // entry can only change the schedule (any permutation of the blocks gives the same result).
   const int64_t version = ptr.is_inference() ? -1 : int64_t(ptr._version());
   OrderKey key{ptr.data_ptr(), ptr.numel(), version, int(ptr.device().index())};
+  if (capturing) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = cache.find(key);
+      if (it != cache.end() && it->second.done) {
+        if (!it->second.pinned) {
+          it->second.pinned = true;
+          fifo.remove(key);
+        }
+        return it->second.order;
+      }
+    }
+    return compute_order(ptr);
+  }
   std::optional<OrderEntry> hit;
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = cache.find(key);
-    if (it != cache.end()) hit = it->second;
+    if (it != cache.end()) {
+      if (!it->second.done && it->second.ready->query()) it->second.done = true;
+      hit = it->second;
+    }
   }
   if (hit) {
-    if (hit->stream != cur.stream()) {
-      hit->ready->block(cur);
-      hit->order.record_stream(cur);
-    }
+    if (hit->stream != cur.stream() && !hit->done) hit->ready->block(cur);
+    if (hit->stream != cur.stream() && !hit->pinned) hit->order.record_stream(cur);
     return hit->order;
   }
   at::Tensor order = compute_order(ptr);
   auto ready = std::make_shared<at::cuda::CUDAEvent>();
   ready->record(cur);
   std::lock_guard<std::mutex> lock(mu);
-  if (cache.size() >= kCap) {
+  if (fifo.size() >= kCap) {
     cache.erase(fifo.front());
     fifo.pop_front();
   }
