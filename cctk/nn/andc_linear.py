@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from cctk.ops.bsr_linear import (BACKENDS, _check_mask, bsr_linear, bsr_to_dense, bsr_transpose_index,
+from cctk.ops.bsr_linear import (BACKENDS, _check_mask, bsr_linear, bsr_linear_epilogue, bsr_to_dense, bsr_transpose_index,
                                  check_block_size, dense_to_bsr)
 
 _INDEX_BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices", "block_perm")
@@ -134,6 +134,17 @@ class ANDCLinear(nn.Module):
                              f"{tuple(getattr(x, 'shape', ()))}")
         return bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
                           backend=self._backend, transposed_index=self.transposed_index())
+
+    def forward_epilogue(self, x: torch.Tensor, activation: str = "none",
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``activation(self(x)) + residual`` in one kernel where the backend has the fused
+        epilogue (``cctk.ops.bsr_linear_epilogue``); activation ``"none"`` or ``"gelu"``."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"ANDCLinear expects x of shape (..., {self.in_features}), got "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        return bsr_linear_epilogue(x, self.values, self.crow_indices, self.col_indices, self.bias,
+                                   self.out_features, activation=activation, residual=residual,
+                                   backend=self._backend, transposed_index=self.transposed_index())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "

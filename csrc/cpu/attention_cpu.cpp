@@ -35,15 +35,8 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define CCTK_X86 1
-#endif
-
 #include "cpu/cpu_features.h"
-
-#define CCTK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#define CCTK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#include "cpu/vec_math.h"
 
 namespace cctk {
 namespace {
@@ -106,30 +99,8 @@ void attention_scalar(const Attn& a, const T* q, const T* k, const T* v, T* o) {
 }
 
 #ifdef CCTK_X86
-// 2^x for x <= 0 region of interest (clamped to [-126, 126]); DEG = Taylor degree of e^y on
-// |y| <= ln2/2 (7: ~1e-8 relative, fp32; 5: ~3e-6, enough where P is rounded to bf16).
-template <int DEG>
-CCTK_AVX512 inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.f)), _mm512_set1_ps(126.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 y = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.69314718055994531f));
-  __m512 p;
-  if (DEG >= 7) {
-    p = _mm512_set1_ps(1.f / 5040.f);
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 720.f));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 120.f));
-  } else {
-    p = _mm512_set1_ps(1.f / 120.f);
-  }
-  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : ((1u << n) - 1)); }
+using vec::exp2_ps;
+using vec::tail_mask;
 
 // In-register transpose of a 16 x 16 matrix of 32-bit elements (r[a] = row a -> r[e] = column e).
 CCTK_AVX512 inline void transpose16x16_epi32(__m512i r[16]) {
