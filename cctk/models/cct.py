@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cctk.nn.fused import linear_gelu, linear_residual
-from cctk.ops.attention import attention as fused_attention
+from cctk.ops.attention import attention as cctk_attention
 
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
 
@@ -183,6 +183,9 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(attention_dropout)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(projection_dropout)
+        # inference (no autograd) runs cctk.ops.attention (the fused CPU kernel; SDPA where it has
+        # none); False keeps torch's scaled_dot_product_attention (stock PyTorch, for comparisons)
+        self.fused_attention = True
 
     def split_heads(self, x: torch.Tensor):
         """qkv(x) (B, T, 3 H d_h) -> q, k, v each (B, H, T, d_h)."""
@@ -201,10 +204,10 @@ class Attention(nn.Module):
         if tap is None:
             if p > 0.0:
                 o = attention_ref(q, k, v, p, scale=self.scale)  # reference dropout on the probabilities
-            elif torch.is_grad_enabled() and x.requires_grad:
+            elif (torch.is_grad_enabled() and x.requires_grad) or not self.fused_attention:
                 o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # training: torch's fused backward
             else:
-                o = fused_attention(q, k, v, scale=self.scale)  # inference: cctk's CPU kernel (else SDPA)
+                o = cctk_attention(q, k, v, scale=self.scale)  # inference: cctk's CPU kernel (else SDPA)
         else:
             o = tap.attention(block, q, k, v, p)
         x = o.transpose(1, 2).reshape(B, N, o.shape[1] * o.shape[3])
