@@ -19,6 +19,8 @@ rounding):
   model's inference path does this by itself when autograd is off;
 * in every CCT encoder layer, the GELU and both residual adds as epilogues of the linears
   (``ANDCLinear``: inside the block-sparse kernel; ``nn.Linear``: the plain ops);
+* every last-dimension ``nn.LayerNorm`` as ``cctk.nn.LayerNorm`` (same parameters; inference runs
+  the ``cctk::layer_norm`` kernel);
 * ``compile=True``: ``torch.compile`` of the result (cctk's ops are torch.library ops with fake
   kernels, so the graph has no breaks).
 
@@ -33,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from cctk.models.cct import CCT, Tokenizer, TransformerEncoderLayer
+from cctk.nn.layer_norm import LayerNorm
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -91,6 +94,10 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, compile: 
                 sub.to(memory_format=torch.channels_last)
         if isinstance(sub, TransformerEncoderLayer):
             sub.fused_epilogues = fuse_epilogues
+    for parent in list(m.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.LayerNorm and len(child.normalized_shape) == 1:
+                setattr(parent, name, LayerNorm.from_torch(child))
     m.register_forward_pre_hook(_CastInput(dtype, channels_last and is_cct))
     m._cctk_optimized = dict(dtype=str(dtype).replace("torch.", ""), channels_last=channels_last,
                              fuse_epilogues=fuse_epilogues, compile=compile)

@@ -269,3 +269,57 @@ def test_remove_nodes_bad_input():
         remove_nodes(m, head_dims_keep={0: torch.tensor([0, 1])})
     with pytest.raises(ValueError, match="fraction"):
         node_fraction_keep(m, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [256, 97, 1, 1030])
+def test_layer_norm_matches_reference(d, dtype):
+    from cctk.ops.layer_norm import layer_norm, layer_norm_ref
+    x = (torch.randn(3, 37, d) * 4 + 2).to(dtype)
+    w, b = (torch.randn(d) + 1).to(dtype), torch.randn(d).to(dtype)
+    want = layer_norm_ref(x.double(), w.double(), b.double(), 1e-5)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=4e-2, rtol=2e-2)
+    for args in ((w, b), (None, None), (w, None)):
+        want = layer_norm_ref(x.double(), *(None if t is None else t.double() for t in args), 1e-5)
+        torch.testing.assert_close(layer_norm(x, *args).double(), want, **tol)
+    strided = x.transpose(0, 1)  # non-contiguous input
+    torch.testing.assert_close(layer_norm(strided, w, b).double(),
+                               layer_norm_ref(strided.double(), w.double(), b.double(), 1e-5), **tol)
+
+
+def test_layer_norm_grad_opcheck_and_bad_input():
+    from cctk.ops.layer_norm import layer_norm
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.cctk.layer_norm(*a, 1e-5), (x, w, b))
+    if HAS_EXT:
+        xs = torch.randn(4, 7, 32)
+        torch.library.opcheck(torch.ops.cctk.layer_norm.default, (xs, torch.randn(32), torch.randn(32), 1e-5))
+        torch.library.opcheck(torch.ops.cctk.layer_norm.default, (xs, None, None, 1e-6))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        layer_norm(torch.randn(3, 8), torch.randn(7))
+    with pytest.raises(TypeError, match="bias must be torch.float32"):
+        layer_norm(torch.randn(3, 8), None, torch.randn(8).double())
+    with pytest.raises(TypeError, match="floating point"):
+        layer_norm(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="eps"):
+        layer_norm(torch.randn(3, 8), eps=-1.0)
+
+
+def test_cctk_layer_norm_module_is_a_drop_in():
+    from cctk.nn.layer_norm import LayerNorm
+    ln = nn.LayerNorm(24)
+    with torch.no_grad():
+        ln.weight.normal_()
+    fast = LayerNorm.from_torch(ln)
+    assert fast.weight is ln.weight and fast.state_dict().keys() == ln.state_dict().keys()
+    x = torch.randn(6, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ln(x), atol=1e-5, rtol=1e-5)
+    y = fast(x.requires_grad_(True))  # autograd on: torch's own layer norm
+    y.sum().backward()
+    assert x.grad is not None and ln.weight.grad is not None
+    with pytest.raises(ValueError, match="last dimension only"):
+        LayerNorm.from_torch(nn.LayerNorm((4, 24)))
