@@ -65,12 +65,12 @@ struct BsrGemm {
 // Epilogue of one output vector: GELU then residual (nullptr: none).
 #ifdef CCTK_X86
 CCTK_AVX512 inline __m512 epilogue_f32(const BsrGemm& g, __m512 acc, const float* res, __mmask16 m) {
-  if (g.gelu) acc = vec::gelu_erf_ps(acc);
+  if (g.gelu) acc = vec::gelu_erf_ps<true>(acc);
   if (res) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, res));
   return acc;
 }
 CCTK_AVX512 inline __m512 epilogue_bf16(const BsrGemm& g, __m512 acc, const uint16_t* res, __mmask16 m) {
-  if (g.gelu) acc = vec::gelu_erf_ps(acc);
+  if (g.gelu) acc = vec::gelu_erf_ps<false>(acc);
   if (res) acc = _mm512_add_ps(acc, vec::bf16_to_ps(_mm256_maskz_loadu_epi16(m, res)));
   return acc;
 }
