@@ -17,7 +17,8 @@ import torch
 from cctk import data, models
 from cctk.train import (ConfigError, PRESETS, TrainConfig, WarmupCosine, build_optimizer,
                         build_scheduler, evaluate, get_preset, load_checkpoint, resolve_amp, train)
-from cctk.train.checkpoint import (atomic_save, checkpoint_dict, epoch_seed, read_checkpoint)
+from cctk.checkpoint import atomic_save, read_checkpoint
+from cctk.train.state import checkpoint_dict, epoch_seed
 from cctk.train.loop import make_grad_scaler, train_one_epoch
 
 

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-from cctk.train.checkpoint import (atomic_save, atomic_write_text, checkpoint_dict, epoch_seed,
-                                   read_checkpoint, restore_rng_state, seed_everything, unwrap)
+from cctk.checkpoint import (atomic_save, atomic_write_text, is_pruned_checkpoint, output_dir,
+                             read_checkpoint)
 from cctk.train.config import ConfigError, TrainConfig
 from cctk.train.distributed import DistContext, setup_distributed
+from cctk.train.state import (checkpoint_dict, epoch_seed, restore_rng_state, seed_everything,
+                              unwrap)
 from cctk.train.optim import build_optimizer, build_scheduler
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -167,15 +169,6 @@ def dataset_options(config: TrainConfig) -> Dict[str, Any]:
             "mixup_off_epoch": config.mixup_off_epoch}
 
 
-def _get_dataset(config: TrainConfig, split: str, augment: bool):
-    from cctk import data
-
-    return data.get_dataset(config.dataset, split, data_dir=config.data_dir,
-                            img_size=config.img_size,
-                            augment=config.augment_spec() if augment else False,
-                            download=config.download, **(config.dataset_options or {}))
-
-
 def prepare(config: TrainConfig, device="cpu") -> Setup:
     """Build the train/test datasets and the model for ``config`` (model seeded with
     ``config.seed``), checking that the model takes the dataset's images. Every user error
@@ -190,9 +183,13 @@ def prepare(config: TrainConfig, device="cpu") -> Setup:
     if model_name not in models.list_models():
         raise ConfigError(f"unknown model {model_name!r}; `cctk models` lists the "
                           f"{len(models.list_models())} available names")
+    record = {"name": info.name, "data_dir": config.data_dir, "img_size": config.img_size,
+              "eval_split": info.eval_split,
+              "dataset_options": _plain(dict(config.dataset_options or {}))}
     try:
-        train_set = _get_dataset(config, "train", augment=True)
-        test_set = _get_dataset(config, info.eval_split, augment=False)
+        train_set = data.from_record(record, "train", augment=config.augment_spec(),
+                                     download=config.download)
+        test_set = data.from_record(record, "eval", download=config.download)
     except ConfigError:
         raise
     except (data.DataError, KeyError, ValueError, OSError) as exc:
@@ -206,33 +203,16 @@ def prepare(config: TrainConfig, device="cpu") -> Setup:
         raise _user_error(exc, f"model {model_name!r}") from exc
     check_model_input(model, in_channels, img_size)
     if config.train_subset is not None and config.train_subset < len(train_set):
-        train_set = subset_dataset(train_set, config.train_subset)
+        train_set = data.subset_dataset(train_set, config.train_subset)
     if config.test_subset is not None and config.test_subset < len(test_set):
-        test_set = subset_dataset(test_set, config.test_subset)
-    dataset = {"name": info.name, "data_dir": config.data_dir, "img_size": img_size,
-               "eval_split": info.eval_split,
-               "dataset_options": _plain(dict(config.dataset_options or {})),
+        test_set = data.subset_dataset(test_set, config.test_subset)
+    dataset = {**record, "img_size": img_size,
                "in_channels": in_channels, "num_classes": num_classes,
                "train_size": len(train_set), "test_size": len(test_set),
                "options": _plain(dataset_options(config)),
                "train_subset": config.train_subset, "test_subset": config.test_subset}
     return Setup(model=model, model_name=model_name, train_set=train_set, test_set=test_set,
                  dataset=dataset)
-
-
-def subset_dataset(dataset, n: int):
-    """The first ``n`` samples of ``dataset`` as a Subset that keeps ``num_classes``,
-    ``in_channels``, ``img_size`` and ``targets``."""
-    sub = Subset(dataset, range(n))
-    for attr in ("num_classes", "in_channels", "img_size"):
-        if hasattr(dataset, attr):
-            setattr(sub, attr, getattr(dataset, attr))
-    if hasattr(dataset, "targets"):
-        sub.targets = [int(t) for t in list(dataset.targets)[:n]]
-    return sub
-
-
-_subset = subset_dataset  # older name, used by cctk.prune
 
 
 def _plain(x):
@@ -383,23 +363,47 @@ def train(config: TrainConfig,
     try:
         if config.cpu_threads is not None and ctx.device.type == "cpu":
             torch.set_num_threads(config.cpu_threads)
-        return _train(config, ctx, on_epoch_end)
+        with contextlib.ExitStack() as held:
+            return _train(config, ctx, on_epoch_end, held)
     finally:
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
         ctx.close()
 
 
-def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any]:
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, METRICS_LOG_NAME)
+
+
+def _refuse_existing_run(config: TrainConfig, resuming: bool) -> None:
+    """A new run (no --resume, no --overwrite) never replaces the files of another one."""
+    if resuming or config.overwrite:
+        return
+    found = [n for n in RUN_FILES if os.path.lexists(os.path.join(config.out, n))]
+    if found:
+        raise ConfigError(f"--out {config.out} already holds a run ({', '.join(found)}); continue "
+                          f"it with --resume, replace it with --overwrite, or choose another --out")
+
+
+def _train(config: TrainConfig, ctx: DistContext, on_epoch_end,
+           held: contextlib.ExitStack) -> Dict[str, Any]:
     t_start = time.perf_counter()
     device = ctx.device
     amp_dtype = resolve_amp(config.amp, device)
     resume_from = _resume_path(config)
-    ckpt = read_checkpoint(resume_from, "cpu") if resume_from else None
+    ckpt = read_resume_checkpoint(resume_from) if resume_from else None
 
+    if ctx.is_main:
+        if os.path.exists(config.out) and not os.path.isdir(config.out):
+            raise ConfigError(f"--out {config.out} is a file, not a directory; choose a directory")
+        _refuse_existing_run(config, ckpt is not None)
     setup = prepare(config, device)
     if ckpt is not None:
         _check_resumable(ckpt, setup, resume_from)
+    if ctx.is_main:
+        # one run per directory for the run's whole lifetime (a second one is refused, not
+        # interleaved); checked again under the lock, which also clears killed writes' temp files
+        held.enter_context(output_dir(config.out, "--out"))
+        _refuse_existing_run(config, ckpt is not None)
     model = setup.model.to(device)
     if ckpt is not None:
         unwrap(model).load_state_dict(ckpt["state_dict"], strict=True)
@@ -429,8 +433,8 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"])
-        history = list(ckpt["metrics"].get("history", []))
-        wall_before = float(ckpt["metrics"].get("wall_time_s", 0.0))
+        history = list((ckpt.get("metrics") or {}).get("history", []))
+        wall_before = float((ckpt.get("metrics") or {}).get("wall_time_s", 0.0))
         restore_rng_state(ckpt["rng"])
         was = (ckpt.get("sampler") or {}).get("world_size")
         if was is not None and was != ctx.world_size and ctx.is_main:
@@ -441,7 +445,6 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
     out = config.out
     log_path = os.path.join(out, METRICS_LOG_NAME)
     if ctx.is_main:
-        os.makedirs(out, exist_ok=True)
         atomic_write_text("".join(json.dumps(r) + "\n" for r in history), log_path)
     show_progress = (config.progress if config.progress is not None
                      else sys.stderr.isatty()) and ctx.is_main
@@ -458,6 +461,7 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
     last_eval: Optional[Dict[str, float]] = None
     shard_info: Dict[str, Any] = {}
     total = config.total_epochs
+    unlogged: List[Dict[str, Any]] = []  # metrics.jsonl never runs ahead of checkpoint.pt
     for epoch in range(start_epoch, total):
         t0 = time.perf_counter()
         _start_epoch_randomness(train_loader, config, epoch, ctx.rank)
@@ -485,9 +489,8 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
             record["test_loss"] = last_eval["loss"]
         record["epoch_time_s"] = time.perf_counter() - t0
         history.append(record)
+        unlogged.append(record)
         if ctx.is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
             if config.verbose:
                 print(_epoch_line(record, total), flush=True)
         if (epoch + 1) % config.save_every == 0 or epoch + 1 == total:
@@ -500,6 +503,9 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
                     metrics=metrics_so_far,
                     sampler=_sampler_state(train_loader, config, epoch + 1, ctx)),
                     os.path.join(out, CHECKPOINT_NAME))
+                with open(log_path, "a") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in unlogged))
+            unlogged.clear()
             ctx.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
@@ -587,6 +593,22 @@ def _restore_scheduler(scheduler, optimizer, state: Dict[str, Any], config: Trai
     for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
         group["lr"] = base * fresh(step)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def read_resume_checkpoint(path: str) -> Dict[str, Any]:
+    """The checkpoint a run continues from: a complete training checkpoint of ``cctk train``
+    (a pruned one, or one without optimizer state, is refused with a ConfigError)."""
+    ckpt = read_checkpoint(path, "cpu")
+    if is_pruned_checkpoint(ckpt):
+        raise ConfigError(f"cannot resume training from {path}: it is a pruned checkpoint; "
+                          f"fine-tune it with `cctk prune --finetune-epochs N`, or resume the "
+                          f"dense run's checkpoint.pt")
+    missing = [k for k in ("train_config", "optimizer", "scheduler", "rng", "epoch")
+               if ckpt.get(k) is None]
+    if missing or not isinstance(ckpt.get("train_config"), dict):
+        raise ConfigError(f"cannot resume training from {path}: it holds no training state "
+                          f"({', '.join(missing) or 'train_config'} missing); start a new run")
+    return ckpt
 
 
 def _check_resumable(ckpt: Dict[str, Any], setup: Setup, path: str) -> None:
