@@ -27,6 +27,18 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from cctk import data
+from cctk import snp as snp_mod
+from cctk.checkpoint import atomic_write_text, load_checkpoint
+from cctk.prune.andc import (PrunePlan, RecognizedSets, apply_masks, final_stream_means,
+                             final_stream_sets)
+from cctk.prune.convert import save_pruned, to_masked_dense
+from cctk.prune.finetune import images_per_second
+from cctk.prune.masks import classifier_keep
+from cctk.prune.workflow import data_loaders, prune_and_finetune
+from cctk.report import write_report
+from cctk.train import CHECKPOINT_NAME, TrainConfig, evaluate, get_preset, preset_for_dataset, train
+
 __all__ = ["run_pipeline", "DEFAULT_BLOCK_SIZE", "DEFAULT_DENSITY", "SWEEP_DENSITIES",
            "DEFAULT_CLASSIFIER_THRESHOLD", "CLASSIFIER_SCAN"]
 
@@ -74,16 +86,6 @@ def _pipeline(out_dir: str, dataset: str = "digits", epochs: Optional[int] = Non
     threshold, the classifier density and the accuracy of the dense model with only its
     classifier pruned (no fine-tuning).
     """
-    from cctk import snp as snp_mod
-    from cctk.prune.andc import (PrunePlan, RecognizedSets, apply_masks, final_stream_means,
-                                 final_stream_sets)
-    from cctk.prune.masks import classifier_keep
-    from cctk.prune.convert import save_pruned, to_masked_dense
-    from cctk.prune.finetune import images_per_second
-    from cctk.prune.workflow import data_loaders, prune_and_finetune
-    from cctk.train import (CHECKPOINT_NAME, TrainConfig, evaluate, get_preset, load_checkpoint,
-                            preset_for_dataset, train)
-
     say = print if verbose else (lambda *a, **k: None)
     t_start = time.perf_counter()
     dev = _device(device)
@@ -121,7 +123,7 @@ def _pipeline(out_dir: str, dataset: str = "digits", epochs: Optional[int] = Non
     snp_dir = os.path.join(out_dir, "snp")
     if snp_split not in ("train", "test"):
         raise ValueError(f"snp_split must be 'train' or 'test', got {snp_split!r}")
-    snp_train_loader = _train_split_loader(ckpt["dataset"], data_dir, train_subset)
+    snp_train_loader = train_split_loader(ckpt["dataset"], data_dir, train_subset)
     analysed_loader = snp_train_loader if snp_split == "train" else test_loader
     result = snp_mod.run_snp(model, snp_train_loader, analysed_loader, K, threshold=threshold,
                              readout_epochs=snp_readout_epochs, null_draws=null_draws, seed=seed,
@@ -241,17 +243,13 @@ def _pipeline(out_dir: str, dataset: str = "digits", epochs: Optional[int] = Non
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
     summary["wall_time_s"] = time.perf_counter() - t_start
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=_json_default)
+    _write_summary(summary, out_dir)
     say("[6/6] writing the report ...", flush=True)
     if report:
-        from cctk.report import write_report
-
         path = write_report(out_dir, summary, snp_dir=snp_dir)
         say(f"    {path}")
     summary["wall_time_s"] = time.perf_counter() - t_start
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=_json_default)
+    _write_summary(summary, out_dir)
     say(f"done in {summary['wall_time_s']:.0f} s: dense {dense_acc:.4f}, ANDC {andc_rec['accuracy']:.4f}, "
         f"magnitude {mag_rec['accuracy']:.4f} at linear density {andc_rec['linear_density']:.3f} "
         f"(classifier {andc_rec['classifier_density']:.3f}); throughput {summary['speedup_vs_dense']:.2f}x dense")
@@ -262,8 +260,6 @@ def run_pipeline(out_dir: str, dataset: str = "digits", epochs: Optional[int] = 
                  density: float = DEFAULT_DENSITY, block_size: Optional[int] = None,
                  finetune_epochs: int = 5, data_dir: Optional[str] = None, device=None,
                  cpu_threads: Optional[int] = None, **options) -> Dict[str, Any]:
-    from cctk.train import get_preset, preset_for_dataset
-
     dev = _device(device)
     if cpu_threads is None:
         preset = preset_for_dataset(dataset)
@@ -281,13 +277,11 @@ def run_pipeline(out_dir: str, dataset: str = "digits", epochs: Optional[int] = 
 run_pipeline.__doc__ = _pipeline.__doc__
 
 
-def _train_split_loader(dataset: dict, data_dir, train_subset):
-    """The training split, no augmentation, not shuffled (for the SNP passes)."""
-    from cctk import data
-    from cctk.train import subset_dataset
+def _write_summary(summary: Dict[str, Any], out_dir: str) -> None:
+    atomic_write_text(json.dumps(summary, indent=1, default=_json_default), os.path.join(out_dir, "summary.json"))
 
-    ds = data.get_dataset(dataset["name"], "train", data_dir=data_dir if data_dir is not None else dataset.get("data_dir"),
-                          img_size=dataset.get("img_size"), augment=False)
-    if train_subset is not None and train_subset < len(ds):
-        ds = subset_dataset(ds, train_subset)
-    return data.build_loader(ds, 256, shuffle=False)
+
+def train_split_loader(dataset: dict, data_dir, train_subset):
+    """The run's training split, no augmentation, not shuffled (for the SNP passes)."""
+    return data.build_loader(data.from_record(dataset, "train", data_dir=data_dir, subset=train_subset),
+                             256, shuffle=False)
