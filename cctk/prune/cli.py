@@ -164,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
         record["checkpoint"] = os.path.abspath(ckpt_path)
         record["source_checkpoint"] = os.path.abspath(args.checkpoint)
         record["snp"] = os.path.abspath(args.snp) if args.snp else None
+        record["data"] = {"train_samples": len(train_loader.dataset), "eval_samples": len(test_loader.dataset),
+                          "eval_split": ckpt["dataset"].get("eval_split"),
+                          "dataset_options": ckpt["dataset"].get("dataset_options")}
         pruned_ckpt = pruned_checkpoint(pruned.cpu(), plan, source_checkpoint=ckpt,
                                         metrics={"test_accuracy": record["accuracy"],
                                                  "dense_accuracy": dense_acc})
