@@ -62,12 +62,7 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
 def make_grad_scaler(enabled: bool):
     """A CUDA GradScaler (fp16 autocast); with ``enabled=False`` its calls are pass-throughs,
     so the loop has one code path for every precision."""
-    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler("cuda", enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3
-
-
-_grad_scaler = make_grad_scaler  # older name, used by cctk.prune
+    return torch.amp.GradScaler("cuda", enabled=enabled)
 
 
 # --------------------------------------------------------------------------------------------
