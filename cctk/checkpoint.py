@@ -34,7 +34,8 @@ __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "PRUNED_FORMAT", "CheckpointError",
     "atomic_write", "atomic_save", "atomic_write_text", "atomic_write_files", "output_dir",
     "read_checkpoint", "load_checkpoint", "model_from_config", "build_model",
-    "is_pruned_checkpoint", "file_digest", "replace_submodule", "TMP_PREFIX", "LOCK_NAME",
+    "is_pruned_checkpoint", "file_digest", "replace_submodule", "checkpoint_provenance", "plain",
+    "TMP_PREFIX", "LOCK_NAME",
 ]
 
 CHECKPOINT_FORMAT = "cctk-checkpoint"
@@ -262,15 +263,14 @@ def checkpoint_provenance(path, ckpt: Optional[Mapping[str, Any]] = None) -> Dic
     if ckpt is None:
         ckpt = read_checkpoint(path)
     return {"checkpoint": os.path.abspath(os.fspath(path)), "checkpoint_sha256": file_digest(path),
-            "model_config": _plain(dict(ckpt.get("model_config") or {}))}
+            "model_config": plain(dict(ckpt.get("model_config") or {}))}
 
 
-def _plain(x):
+def plain(x):
+    """Tuples as lists, recursively through dicts and lists: the form a value has after a JSON
+    round trip (so recorded configs compare equal to what is read back)."""
     if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
+        return {k: plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     return x
-
-
-__all__.append("checkpoint_provenance")

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from cctk.checkpoint import (atomic_save, atomic_write_text, is_pruned_checkpoint, output_dir,
-                             read_checkpoint)
+                             plain, read_checkpoint)
 from cctk.train.config import ConfigError, TrainConfig
 from cctk.train.distributed import DistContext, setup_distributed
 from cctk.train.state import (checkpoint_dict, epoch_seed, restore_rng_state, seed_everything,
@@ -180,7 +180,7 @@ def prepare(config: TrainConfig, device="cpu") -> Setup:
                           f"{len(models.list_models())} available names")
     record = {"name": info.name, "data_dir": config.data_dir, "img_size": config.img_size,
               "eval_split": info.eval_split,
-              "dataset_options": _plain(dict(config.dataset_options or {}))}
+              "dataset_options": plain(dict(config.dataset_options or {}))}
     try:
         train_set = data.from_record(record, "train", augment=config.augment_spec(),
                                      download=config.download)
@@ -204,18 +204,10 @@ def prepare(config: TrainConfig, device="cpu") -> Setup:
     dataset = {**record, "img_size": img_size,
                "in_channels": in_channels, "num_classes": num_classes,
                "train_size": len(train_set), "test_size": len(test_set),
-               "options": _plain(dataset_options(config)),
+               "options": plain(dataset_options(config)),
                "train_subset": config.train_subset, "test_subset": config.test_subset}
     return Setup(model=model, model_name=model_name, train_set=train_set, test_set=test_set,
                  dataset=dataset)
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +508,7 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end,
         "train_accuracy": final_train.get("train_accuracy"),
         "epochs": len(history),
         "model": setup.model_name,
-        "model_config": _plain(dict(getattr(unwrap(model), "config", {}))),
+        "model_config": plain(dict(getattr(unwrap(model), "config", {}))),
         "parameters": n_params,
         "dataset": config.dataset,
         "dataset_info": setup.dataset,
@@ -525,7 +517,7 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end,
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "off",
         "wall_time_s": wall_before + time.perf_counter() - t_start,
         "resumed_from_epoch": start_epoch if ckpt is not None else None,
-        "config": _plain(config.to_dict()),
+        "config": plain(config.to_dict()),
         "checkpoint": os.path.join(out, CHECKPOINT_NAME),
         "history": history,
     }
