@@ -361,14 +361,18 @@ def train(config: TrainConfig,
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, METRICS_LOG_NAME)
 
 
-def _refuse_existing_run(config: TrainConfig, resuming: bool) -> None:
-    """A new run (no --resume, no --overwrite) never replaces the files of another one."""
+def _out_problem(config: TrainConfig, resuming: bool) -> Optional[str]:
+    """Why ``--out`` cannot take this run, or None: a file in its place, or (for a new run
+    without --overwrite) the files of another run, which a new run never replaces."""
+    if os.path.exists(config.out) and not os.path.isdir(config.out):
+        return f"--out {config.out} is a file, not a directory; choose a directory"
     if resuming or config.overwrite:
-        return
+        return None
     found = [n for n in RUN_FILES if os.path.lexists(os.path.join(config.out, n))]
     if found:
-        raise ConfigError(f"--out {config.out} already holds a run ({', '.join(found)}); continue "
-                          f"it with --resume, replace it with --overwrite, or choose another --out")
+        return (f"--out {config.out} already holds a run ({', '.join(found)}); continue it with "
+                f"--resume, replace it with --overwrite, or choose another --out")
+    return None
 
 
 def _train(config: TrainConfig, ctx: DistContext, on_epoch_end,
@@ -379,10 +383,12 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end,
     resume_from = _resume_path(config)
     ckpt = read_resume_checkpoint(resume_from) if resume_from else None
 
-    if ctx.is_main:
-        if os.path.exists(config.out) and not os.path.isdir(config.out):
-            raise ConfigError(f"--out {config.out} is a file, not a directory; choose a directory")
-        _refuse_existing_run(config, ckpt is not None)
+    # rank 0 decides for every rank (the others must not hang waiting for it)
+    problem = _out_problem(config, ckpt is not None) if ctx.is_main else None
+    if ctx.distributed:
+        problem = ctx.all_gather_object(problem)[0]
+    if problem:
+        raise ConfigError(problem)
     setup = prepare(config, device)
     if ckpt is not None:
         _check_resumable(ckpt, setup, resume_from)
@@ -390,7 +396,9 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end,
         # one run per directory for the run's whole lifetime (a second one is refused, not
         # interleaved); checked again under the lock, which also clears killed writes' temp files
         held.enter_context(output_dir(config.out, "--out"))
-        _refuse_existing_run(config, ckpt is not None)
+        problem = _out_problem(config, ckpt is not None)
+        if problem:
+            raise ConfigError(problem)
     model = setup.model.to(device)
     if ckpt is not None:
         unwrap(model).load_state_dict(ckpt["state_dict"], strict=True)
