@@ -246,18 +246,6 @@ def _start_epoch_randomness(loader, config: TrainConfig, epoch: int, rank: int) 
     seed_everything(epoch_seed(config.seed, epoch, rank))
 
 
-def _sampler_indices(loader) -> Optional[List[int]]:
-    """This rank's dataset indices for the current epoch, when the sampler can tell."""
-    sampler = getattr(loader, "sampler", None)
-    if sampler is None or not hasattr(sampler, "__iter__"):
-        return None
-    try:
-        idx = list(iter(sampler))
-    except Exception:
-        return None
-    return [int(i) for i in idx] if all(isinstance(i, int) for i in idx[:8]) else None
-
-
 # --------------------------------------------------------------------------------------------
 # one epoch
 
@@ -454,14 +442,11 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end,
               f"amp {amp_dtype if amp_dtype is not None else 'off'}", flush=True)
 
     last_eval: Optional[Dict[str, float]] = None
-    shard_info: Dict[str, Any] = {}
     total = config.total_epochs
     unlogged: List[Dict[str, Any]] = []  # metrics.jsonl never runs ahead of checkpoint.pt
     for epoch in range(start_epoch, total):
         t0 = time.perf_counter()
         _start_epoch_randomness(train_loader, config, epoch, ctx.rank)
-        if ctx.distributed and epoch == start_epoch:
-            shard_info = _shard_report(train_loader, ctx)
         use_mix = mixer is not None and (config.mixup_off_epoch <= 0 or epoch < config.mixup_off_epoch)
         sums = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion, device,
                                amp_dtype=amp_dtype, clip_grad=config.clip_grad,
@@ -529,7 +514,6 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end,
         "checkpoint": os.path.join(out, CHECKPOINT_NAME),
         "history": history,
     }
-    metrics.update(shard_info)
     if ctx.is_main:
         atomic_write_text(json.dumps(metrics, indent=2) + "\n", os.path.join(out, METRICS_NAME))
         if config.verbose:
@@ -548,19 +532,6 @@ def _sampler_state(loader, config: TrainConfig, next_epoch: int, ctx: DistContex
     return {"seed": config.seed, "epoch": next_epoch, "world_size": ctx.world_size,
             "sampler": type(getattr(loader, "sampler", None)).__name__,
             "generator_state": gen.get_state() if isinstance(gen, torch.Generator) else None}
-
-
-def _shard_report(loader, ctx: DistContext) -> Dict[str, Any]:
-    """How the training set was split over ranks this epoch (from each rank's sampler)."""
-    idx = _sampler_indices(loader)
-    gathered = ctx.all_gather_object(idx)
-    if any(g is None for g in gathered):
-        return {}
-    sets = [set(g) for g in gathered]
-    union = set().union(*sets)
-    overlap = sum(len(a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
-    return {"train_shard_sizes": [len(s) for s in sets], "train_shard_union": len(union),
-            "train_shard_overlap": overlap}
 
 
 def _epoch_line(r: Dict[str, Any], total: int) -> str:
