@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from cctk.checkpoint import replace_submodule as _set_submodule
 from cctk.nn import MaskedLinear
-from cctk.snp import load_recognized
+from cctk.snp import analyze_group, load_recognized
 from cctk.prune.masks import (
     andc_block_mask,
     block_reduce,
@@ -400,8 +400,6 @@ def final_stream_sets(model: nn.Module, means: torch.Tensor, threshold: float) -
     the readout: f_{n,c}(x) = fc.W[c, n] p_n(x), M_n[k, c] = fc.W[c, n] Zbar[k, n], analysed by
     ``cctk.snp.analyze_group`` (normalise by the max, threshold, diagonal), exactly as the SNP
     pass does for its ``final_recognized`` (which uses the SNP threshold)."""
-    from cctk.snp import analyze_group
-
     fc = model.get_submodule("classifier.fc")
     W = (fc.masked_weight() if hasattr(fc, "masked_weight") else fc.weight).detach().float().cpu()
     analysis = analyze_group(W, means.float().cpu(), threshold)

@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from cctk.data import canonical_name
 from cctk.errors import ConfigError
 
 
@@ -233,8 +234,6 @@ def preset_for_dataset(dataset: str) -> Optional[str]:
     """The preset whose dataset is ``dataset`` (used for CLI defaults), or None. Spelling
     variants cctk.data accepts ("CIFAR-100", "fmnist") find the same preset."""
     try:
-        from cctk.data import canonical_name
-
         dataset = canonical_name(dataset)
     except Exception:  # unknown name: no preset; the run itself reports the bad name
         pass

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
+from cctk import data, models
 from cctk.checkpoint import (atomic_save, atomic_write_text, is_pruned_checkpoint, output_dir,
                              plain, read_checkpoint)
+from cctk.data import MixupCutmix, set_loader_epoch
 from cctk.train.config import ConfigError, TrainConfig
 from cctk.train.distributed import DistContext, setup_distributed
 from cctk.train.state import (checkpoint_dict, epoch_seed, restore_rng_state, seed_everything,
@@ -168,8 +170,6 @@ def prepare(config: TrainConfig, device="cpu") -> Setup:
     """Build the train/test datasets and the model for ``config`` (model seeded with
     ``config.seed``), checking that the model takes the dataset's images. Every user error
     (unknown dataset or model, missing data, bad size) is raised as :class:`ConfigError`."""
-    from cctk import data, models
-
     try:
         info = data.dataset_info(config.dataset)
     except (KeyError, ValueError, data.DataError) as exc:
@@ -215,8 +215,6 @@ def prepare(config: TrainConfig, device="cpu") -> Setup:
 
 
 def _build_train_loader(config: TrainConfig, train_set, ctx: DistContext):
-    from cctk import data
-
     shard = len(train_set) // ctx.world_size
     return data.build_loader(train_set, config.batch_size, shuffle=True,
                              num_workers=config.num_workers, distributed=ctx.distributed,
@@ -226,8 +224,6 @@ def _build_train_loader(config: TrainConfig, train_set, ctx: DistContext):
 def _build_eval_loader(config: TrainConfig, test_set, ctx: DistContext):
     """Each rank gets the disjoint shard ``rank::world_size`` (no padding, so the summed counts
     are exact)."""
-    from cctk import data
-
     if ctx.distributed:
         test_set = Subset(test_set, range(ctx.rank, len(test_set), ctx.world_size))
     bs = config.eval_batch_size or 2 * config.batch_size
@@ -240,8 +236,6 @@ def _start_epoch_randomness(loader, config: TrainConfig, epoch: int, rank: int) 
     (seed, epoch, rank) only: the loader's sampler order and worker seeds via
     ``cctk.data.set_loader_epoch``, and the global RNGs (augmentation in the main process,
     Mixup/CutMix, dropout, stochastic depth) reseeded with :func:`epoch_seed`."""
-    from cctk.data import set_loader_epoch
-
     set_loader_epoch(loader, epoch)
     seed_everything(epoch_seed(config.seed, epoch, rank))
 
@@ -262,8 +256,6 @@ def _mixer(config: TrainConfig, num_classes: int):
     """A callable ``(x, y) -> (x_mixed, soft_targets)`` from cctk.data, or None when off."""
     if not config.mixing:
         return None
-    from cctk.data import MixupCutmix
-
     # label smoothing is applied by the loss, on the mixed targets (same result as timm's
     # smoothing inside the mix: (1-eps) (lam oh_a + (1-lam) oh_b) + eps/K)
     return MixupCutmix(num_classes=num_classes, mixup_alpha=config.mixup,
