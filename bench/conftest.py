@@ -16,16 +16,19 @@ stalls a whole parallel region). Per-core CPU time is steady there:
   torch threads and the GPU name when there is one.
 * At the end of the session a summary table lists every benchmark by group: provider, median
   time, and the figure each bench file records in ``extra_info`` against its baseline
-  (``speedup_vs_dense`` or ``ratio_vs_plain``).
+  (``speedup_vs_dense``, ``ratio_vs_plain`` or ``ratio_vs_best_dense``); bench_models adds its
+  per-group table (images/s of each provider's fastest interleaved round, ratio to the best dense
+  runtime) and the machine's measured peaks.
 """
 from __future__ import annotations
 
 import os
 import platform
+import sys
 
 import pytest
 
-RATIO_KEYS = ("speedup_vs_dense", "ratio_vs_plain")
+RATIO_KEYS = ("speedup_vs_dense", "ratio_vs_plain", "ratio_vs_best_dense")
 
 
 def pytest_addoption(parser):
@@ -127,6 +130,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line("")
         tr.write_line(f"{group if group != last else '':<{w0}}  {provider:<{w1}}  {median:>10}  {ratio}")
         last = group
+    models = sys.modules.get("bench_models")
+    lines = models.summary_lines() if models is not None else []
+    if lines:
+        tr.write_sep("=", "whole-model throughput: images/s and ratio to the best dense runtime")
+        for line in lines:
+            tr.write_line(line)
     desc = machine_description()
     cpu = desc["cpu"]
     tr.write_line("")

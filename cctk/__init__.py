@@ -33,7 +33,8 @@ _ensure_kernels_subpackage()
 from cctk import ops  # noqa: E402  (declares the cctk:: op schemas)
 from cctk import _ext  # noqa: E402
 from cctk.nn import ANDCLinear  # noqa: E402
+from cctk.optimize import optimize  # noqa: E402
 
 _ext.available()  # load the compiled kernels now (or warn once and fall back)
 
-__all__ = ["ops", "__version__", "ANDCLinear"]
+__all__ = ["ops", "__version__", "ANDCLinear", "optimize"]

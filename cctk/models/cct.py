@@ -25,19 +25,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cctk.nn.fused import linear_gelu, linear_residual
+from cctk.ops.attention import attention as cctk_attention
+
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
 
 
 # ----------------------------------------------------------------------------------------------
 # plain computations (shared by the no-tap path and the NodeTap defaults)
 # ----------------------------------------------------------------------------------------------
-def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """o = Dropout_p(softmax(q k^T * d_h**-0.5)) v, explicitly (q, k, v: (B, H, T, d_h)).
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                  scale: Optional[float] = None) -> torch.Tensor:
+    """o = Dropout_p(softmax(q k^T * scale)) v, explicitly (q, k, v: (B, H, T, d_h); scale
+    defaults to d_h**-0.5).
 
     This is the reference's order of operations, dropout on the attention probabilities; the
     random numbers drawn match the reference's ``nn.Dropout`` on the same generator state.
     """
-    scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     attn = (q @ k.transpose(-2, -1)) * scale
     attn = attn.softmax(dim=-1)
     if dropout_p > 0.0:
@@ -159,7 +164,12 @@ class Tokenizer(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention: qkv = x W_qkv (no bias), split per head, o = softmax(q k^T /
-    sqrt(d_h)) v, out = Drop(proj(concat_h o_h))."""
+    sqrt(d_h)) v, out = Drop(proj(concat_h o_h)).
+
+    The inner width (H x head dims) is read off the qkv output at run time, so a structurally pruned
+    layer (fewer dims per head: ``cctk.prune.remove_nodes``) keeps working; ``scale`` stays the
+    trained model's ``d_h**-0.5``.
+    """
 
     def __init__(self, dim: int, num_heads: int = 8, attention_dropout: float = 0.1,
                  projection_dropout: float = 0.1):
@@ -173,25 +183,36 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(attention_dropout)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(projection_dropout)
+        # inference (no autograd) runs cctk.ops.attention (the fused CPU kernel; SDPA where it has
+        # none); False keeps torch's scaled_dot_product_attention (stock PyTorch, for comparisons)
+        self.fused_attention = True
 
     def split_heads(self, x: torch.Tensor):
-        """qkv(x) (B, T, 3d) -> q, k, v each (B, H, T, d_h)."""
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        """qkv(x) (B, T, 3 H d_h) -> q, k, v each (B, H, T, d_h)."""
+        B, N, _ = x.shape
+        qkv = self.qkv(x)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, qkv.shape[-1] // (3 * self.num_heads)).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def forward(self, x: torch.Tensor, tap: Optional[NodeTap] = None, block: int = 0) -> torch.Tensor:
-        B, N, C = x.shape
+    def forward(self, x: torch.Tensor, tap: Optional[NodeTap] = None, block: int = 0,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``proj(concat_h o_h)``, or ``residual + proj(...)`` (one fused epilogue where the
+        projection has one) when ``residual`` is given (inference only: no projection dropout)."""
+        B, N, _ = x.shape
         q, k, v = self.split_heads(x)
         p = self.attn_drop.p if self.training else 0.0
         if tap is None:
             if p > 0.0:
-                o = attention_ref(q, k, v, p)  # reference dropout on the probabilities
+                o = attention_ref(q, k, v, p, scale=self.scale)  # reference dropout on the probabilities
+            elif (torch.is_grad_enabled() and x.requires_grad) or not self.fused_attention:
+                o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # training: torch's fused backward
             else:
-                o = F.scaled_dot_product_attention(q, k, v)
+                o = cctk_attention(q, k, v, scale=self.scale)  # inference: cctk's CPU kernel (else SDPA)
         else:
             o = tap.attention(block, q, k, v, p)
-        x = o.transpose(1, 2).reshape(B, N, C)
+        x = o.transpose(1, 2).reshape(B, N, o.shape[1] * o.shape[3])
+        if residual is not None:
+            return linear_residual(self.proj, x, residual)
         return self.proj_drop(self.proj(x))
 
 
@@ -215,8 +236,19 @@ class TransformerEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout2 = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        # set by cctk.optimize: in eval mode without a tap, run the residual adds and the GELU as
+        # epilogues of the linears (the same function, in fewer passes over memory)
+        self.fused_epilogues = False
+
+    def forward_fused(self, src: torch.Tensor) -> torch.Tensor:
+        """Inference forward with the epilogues fused: the same function as ``forward`` in eval mode."""
+        src = self.self_attn(self.pre_norm(src), residual=src)
+        src = self.norm1(src)
+        return linear_residual(self.linear2, linear_gelu(self.linear1, src), src)
 
     def forward(self, src: torch.Tensor, tap: Optional[NodeTap] = None, block: int = 0) -> torch.Tensor:
+        if self.fused_epilogues and tap is None and not self.training:
+            return self.forward_fused(src)
         src = src + self.drop_path(self.self_attn(self.pre_norm(src), tap, block))
         src = self.norm1(src)
         if tap is None:

@@ -13,8 +13,8 @@ import math
 import torch
 from torch import nn
 
-from cctk.ops.bsr_linear import (BACKENDS, _check_mask, _resolve_backend, bsr_linear, bsr_to_dense,
-                                 bsr_transpose_index, check_block_size, dense_to_bsr)
+from cctk.ops.bsr_linear import (BACKENDS, _check_mask, _resolve_backend, bsr_linear, bsr_linear_epilogue,
+                                 bsr_to_dense, bsr_transpose_index, check_block_size, dense_to_bsr)
 
 _INDEX_BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices", "block_perm")
 
@@ -153,11 +153,27 @@ class ANDCLinear(nn.Module):
                              f"{tuple(getattr(x, 'shape', ()))}")
         y = bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
                        backend=self._backend, transposed_index=self.transposed_index())
+        return self._first_order_only(y, x)
+
+    def _first_order_only(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y``, refusing a later double backward on backends without second-order autograd."""
         if y.requires_grad:
             backend = _resolve_backend(self._backend, x.device)
             if backend != "torch":
                 y = _FirstOrderOnly.apply(y, backend)
         return y
+
+    def forward_epilogue(self, x: torch.Tensor, activation: str = "none",
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``activation(self(x)) + residual`` in one kernel where the backend has the fused
+        epilogue (``cctk.ops.bsr_linear_epilogue``); activation ``"none"`` or ``"gelu"``."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"ANDCLinear expects x of shape (..., {self.in_features}), got "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        y = bsr_linear_epilogue(x, self.values, self.crow_indices, self.col_indices, self.bias,
+                                self.out_features, activation=activation, residual=residual,
+                                backend=self._backend, transposed_index=self.transposed_index())
+        return self._first_order_only(y, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "

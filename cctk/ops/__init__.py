@@ -17,3 +17,7 @@ __all__ += ["linear_label_stats", "linear_label_stats_ref", "attention_label_sta
 from cctk.ops.attention import attention, attention_ref  # noqa: E402
 
 __all__ += ["attention", "attention_ref"]
+
+from cctk.ops.layer_norm import layer_norm, layer_norm_ref  # noqa: E402
+
+__all__ += ["layer_norm", "layer_norm_ref"]

@@ -161,6 +161,27 @@ _op_backward_weight = define("bsr_linear_backward_weight(Tensor grad_out, Tensor
                              "Tensor col_indices, int block_size) -> Tensor", bsr_linear_backward_weight_ref)
 
 
+def bsr_linear_epilogue_ref(x, values, crow_indices, col_indices, bias, out_features, activation, residual):
+    """``GELU?(x @ W^T + bias) (+ residual)``: the reference of the fused-epilogue forward."""
+    y = bsr_linear_ref(x, values, crow_indices, col_indices, bias, out_features)
+    if activation == "gelu":
+        y = F.gelu(y)
+    elif activation != "none":
+        raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
+    return y if residual is None else y + residual
+
+
+_op_epilogue = define("bsr_linear_epilogue(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+                      "Tensor? bias, int out_features, str activation, Tensor? residual) -> Tensor",
+                      bsr_linear_epilogue_ref)
+
+
+@torch.library.register_fake("cctk::bsr_linear_epilogue")
+def _bsr_linear_epilogue_fake(x, values, crow_indices, col_indices, bias, out_features, activation, residual):
+    torch._check(x.dim() == 2, lambda: "cctk::bsr_linear_epilogue: x must be 2-D")
+    return x.new_empty((x.shape[0], out_features))
+
+
 @torch.library.register_fake("cctk::bsr_linear")
 def _bsr_linear_fake(x, values, crow_indices, col_indices, bias, out_features):
     torch._check(x.dim() == 2, lambda: "cctk::bsr_linear: x must be 2-D")
@@ -200,6 +221,15 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("cctk::bsr_linear", _backward, setup_context=_setup_context)
+
+
+def _epilogue_backward(ctx, grad_out):
+    raise RuntimeError("cctk::bsr_linear_epilogue is forward-only (inference); call "
+                       "cctk.ops.bsr_linear_epilogue, which runs the differentiable ops when gradients are needed")
+
+
+torch.library.register_autograd("cctk::bsr_linear_epilogue", _epilogue_backward,
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +329,44 @@ class _BsrLinearTriton(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[7]:
             grad_bias = grad_out.sum(0)
         return grad_x, grad_values, None, None, None, None, None, grad_bias, None
+
+
+EPILOGUE_ACTIVATIONS = ("none", "gelu")
+
+
+def bsr_linear_epilogue(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
+                        col_indices: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                        activation: str = "none", residual: torch.Tensor | None = None,
+                        backend: str = "auto", transposed_index: tuple | None = None) -> torch.Tensor:
+    """``act(x @ W^T + bias) + residual`` with ``act`` in ``{"none", "gelu"}`` (exact erf GELU).
+
+    The compiled CPU kernel applies the activation and adds the residual to each output tile
+    while it is in registers (one pass over the output instead of three). Gradients: when
+    autograd needs them, the unfused differentiable ops run instead (same function).
+    """
+    if activation not in EPILOGUE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {EPILOGUE_ACTIVATIONS}, got {activation!r}")
+    check_bsr_inputs(x, values, crow_indices, col_indices, bias, out_features)
+    want = x.shape[:-1] + (out_features,)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or residual.shape != want:
+            raise ValueError(f"residual must have the output's shape {tuple(want)}, got "
+                             f"{tuple(getattr(residual, 'shape', ())) or type(residual).__name__}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise TypeError(f"residual must be {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, values, bias, residual))
+    resolved = _resolve_backend(backend, x.device)
+    if needs_grad or resolved != "ext":
+        y = bsr_linear(x, values, crow_indices, col_indices, bias, out_features, backend=resolved,
+                       transposed_index=transposed_index)
+        if activation == "gelu":
+            y = F.gelu(y)
+        return y if residual is None else y + residual
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    r2 = None if residual is None else residual.reshape(-1, out_features)
+    y = _op_epilogue(x2, values, crow_indices, col_indices, bias, out_features, activation, r2)
+    return y.reshape(want)
 
 
 def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,

@@ -35,15 +35,8 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define CCTK_X86 1
-#endif
-
 #include "cpu/cpu_features.h"
-
-#define CCTK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#define CCTK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#include "cpu/vec_math.h"
 
 namespace cctk {
 namespace {
@@ -106,30 +99,8 @@ void attention_scalar(const Attn& a, const T* q, const T* k, const T* v, T* o) {
 }
 
 #ifdef CCTK_X86
-// 2^x for x <= 0 region of interest (clamped to [-126, 126]); DEG = Taylor degree of e^y on
-// |y| <= ln2/2 (7: ~1e-8 relative, fp32; 5: ~3e-6, enough where P is rounded to bf16).
-template <int DEG>
-CCTK_AVX512 inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.f)), _mm512_set1_ps(126.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 y = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.69314718055994531f));
-  __m512 p;
-  if (DEG >= 7) {
-    p = _mm512_set1_ps(1.f / 5040.f);
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 720.f));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 120.f));
-  } else {
-    p = _mm512_set1_ps(1.f / 120.f);
-  }
-  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : ((1u << n) - 1)); }
+using vec::exp2_ps;
+using vec::tail_mask;
 
 // In-register transpose of a 16 x 16 matrix of 32-bit elements (r[a] = row a -> r[e] = column e).
 CCTK_AVX512 inline void transpose16x16_epi32(__m512i r[16]) {
@@ -190,29 +161,26 @@ CCTK_AVX512 void pack_v_pairs(const uint16_t* v, int64_t ld, int64_t Tk, int64_t
   }
 }
 
-// Online-softmax step for MR rows of one key block. S: MR x ldS fp32 scores (first nk valid).
-// Overwrites S with P (fp32; cols >= nk zeroed up to nkp).
+// Online-softmax step for MR rows of one key block. S: MR x ldS fp32 scores (first nk valid);
+// rmax / rmin: per row, 16 lanes whose max / min is the row's max / min score (the S tiles
+// track them as they are computed). Overwrites S with P (fp32; cols >= nk zeroed up to nkp).
+// exp2's argument s*c - m is <= 0 and finite, so it needs no clamp (scalef flushes to 0).
 template <int DEG>
-CCTK_AVX512 inline void softmax_block(float* S, int64_t ldS, int64_t nk, int64_t nkp, float c, float* m, float* l,
-                                      float* alpha) {
+CCTK_AVX512 inline void softmax_block(float* S, int64_t ldS, int64_t nk, int64_t nkp, float c, const float* rmax,
+                                      const float* rmin, float* m, float* l, float* alpha) {
+  const __m512 vc = _mm512_set1_ps(c);
   for (int i = 0; i < MR; ++i) {
     float* s = S + i * ldS;
-    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    __m512 vmax = ninf;
-    const __m512 vc = _mm512_set1_ps(c);
-    for (int64_t j = 0; j < nk; j += 16) {  // max of s * c over the valid keys (any sign of c)
-      const __mmask16 mk = tail_mask(nk - j);
-      vmax = _mm512_mask_max_ps(vmax, mk, vmax, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, s + j), vc));
-    }
-    const float mnew = std::max(m[i], _mm512_reduce_max_ps(vmax));
+    const float top = c >= 0.f ? _mm512_reduce_max_ps(_mm512_loadu_ps(rmax + 16 * i)) * c
+                               : _mm512_reduce_min_ps(_mm512_loadu_ps(rmin + 16 * i)) * c;
+    const float mnew = std::max(m[i], top);
     alpha[i] = std::exp2(m[i] - mnew);  // m = -inf on the first block: alpha = 0
     m[i] = mnew;
     const __m512 vm = _mm512_set1_ps(mnew);
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t j = 0; j < nkp; j += 16) {
-      const __mmask16 mk = tail_mask(nk - j);
-      __m512 p = exp2_ps<DEG>(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vm));
-      p = _mm512_maskz_mov_ps(mk, p);
+      __m512 p = exp2_ps<DEG, false>(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vm));
+      if (j + 16 > nk) p = _mm512_maskz_mov_ps(tail_mask(nk - j), p);
       vsum = _mm512_add_ps(vsum, p);
       _mm512_storeu_ps(s + j, p);
     }
@@ -220,11 +188,33 @@ CCTK_AVX512 inline void softmax_block(float* S, int64_t ldS, int64_t nk, int64_t
   }
 }
 
+// Fold an MR x NV tile of scores into the running per-row max / min lanes (valid columns only).
+template <int NV>
+CCTK_AVX512 inline void track_extremes(const __m512 (&acc)[MR][NV], int64_t valid, float* rmax, float* rmin) {
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    __m512 hi = _mm512_loadu_ps(rmax + 16 * i), lo = _mm512_loadu_ps(rmin + 16 * i);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 mk = tail_mask(valid - 16 * v);
+      hi = _mm512_mask_max_ps(hi, mk, hi, acc[i][v]);
+      lo = _mm512_mask_min_ps(lo, mk, lo, acc[i][v]);
+    }
+    _mm512_storeu_ps(rmax + 16 * i, hi);
+    _mm512_storeu_ps(rmin + 16 * i, lo);
+  }
+}
+
+inline void reset_extremes(float* rmax, float* rmin) {
+  std::fill_n(rmax, 16 * MR, -std::numeric_limits<float>::infinity());
+  std::fill_n(rmin, 16 * MR, std::numeric_limits<float>::infinity());
+}
+
 // ---- fp32 micro-kernels
 // S[i][jS + 16v] = sum_d q[i][d] * Kt[d][j + 16v]
 template <int NV>
 CCTK_AVX512 inline void s_tile_f32(const float* qb, int64_t DP, const float* Kt, int64_t TP, int64_t j, float* S,
-                                   int64_t ldS, int64_t jS) {
+                                   int64_t ldS, int64_t jS, int64_t valid, float* rmax, float* rmin) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -241,6 +231,7 @@ CCTK_AVX512 inline void s_tile_f32(const float* qb, int64_t DP, const float* Kt,
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xv, w[v], acc[i][v]);
     }
   }
+  track_extremes<NV>(acc, valid, rmax, rmin);
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
@@ -292,7 +283,7 @@ CCTK_AVX512BF16 inline void p_to_bf16(const float* S, int64_t ldS, int64_t nkp, 
 // S[i][jS + 16v] = sum_p qpair[i][p] . Kp[p][j + 16v]
 template <int NV>
 CCTK_AVX512BF16 inline void s_tile_bf16(const uint32_t* qb, int64_t DP2, const uint32_t* Kp, int64_t TP, int64_t j,
-                                        float* S, int64_t ldS, int64_t jS) {
+                                        float* S, int64_t ldS, int64_t jS, int64_t valid, float* rmax, float* rmin) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -309,6 +300,7 @@ CCTK_AVX512BF16 inline void s_tile_bf16(const uint32_t* qb, int64_t DP2, const u
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)xv, (__m512bh)w[v]);
     }
   }
+  track_extremes<NV>(acc, valid, rmax, rmin);
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
@@ -361,6 +353,7 @@ struct Scratch {
   std::vector<float> kf, vf, q, S, O;  // fp32 path (kf/vf also hold packed bf16 pairs as bytes)
   std::vector<uint16_t> Pb;
   float m[MR], l[MR], alpha[MR];
+  float rmax[16 * MR], rmin[16 * MR];
 };
 
 // Store o rows (fp32 O / l) into the (B, Tq, H, D) output, 16 head dims per step.
@@ -424,10 +417,12 @@ CCTK_AVX512 void attention_f32_avx512(const Attn& a, const float* q, const float
         std::fill(sc.O.begin(), sc.O.end(), 0.f);
         for (int64_t j0 = 0; j0 < a.Tk; j0 += KB) {
           const int64_t nk = std::min(KB, a.Tk - j0), nkp = round_up(nk, 16);
+          reset_extremes(sc.rmax, sc.rmin);
           for_chunks(nkp, [&](auto nv, int64_t jc) {
-            s_tile_f32<decltype(nv)::value>(sc.q.data(), DP, sc.kf.data(), TP, j0 + jc, sc.S.data(), KB, jc);
+            s_tile_f32<decltype(nv)::value>(sc.q.data(), DP, sc.kf.data(), TP, j0 + jc, sc.S.data(), KB, jc, nk - jc,
+                                            sc.rmax, sc.rmin);
           });
-          softmax_block<7>(sc.S.data(), KB, nk, nkp, c, sc.m, sc.l, sc.alpha);
+          softmax_block<7>(sc.S.data(), KB, nk, nkp, c, sc.rmax, sc.rmin, sc.m, sc.l, sc.alpha);
           for_chunks(DP, [&](auto nv, int64_t dc) {
             o_tile_f32<decltype(nv)::value>(sc.S.data(), KB, nkp, sc.vf.data() + j0 * DP, DP, dc, sc.alpha,
                                             sc.O.data());
@@ -489,10 +484,12 @@ CCTK_AVX512BF16 void attention_bf16_avx512(const Attn& a, const uint16_t* q, con
         std::fill(sc.O.begin(), sc.O.end(), 0.f);
         for (int64_t j0 = 0; j0 < a.Tk; j0 += KB) {
           const int64_t nk = std::min(KB, a.Tk - j0), nkp = round_up(nk, 16);
+          reset_extremes(sc.rmax, sc.rmin);
           for_chunks(nkp, [&](auto nv, int64_t jc) {
-            s_tile_bf16<decltype(nv)::value>(qb, DP2, Kp, TP, j0 + jc, sc.S.data(), KB, jc);
+            s_tile_bf16<decltype(nv)::value>(qb, DP2, Kp, TP, j0 + jc, sc.S.data(), KB, jc, nk - jc, sc.rmax,
+                                             sc.rmin);
           });
-          softmax_block<5>(sc.S.data(), KB, nk, nkp, c, sc.m, sc.l, sc.alpha);
+          softmax_block<5>(sc.S.data(), KB, nk, nkp, c, sc.rmax, sc.rmin, sc.m, sc.l, sc.alpha);
           p_to_bf16(sc.S.data(), KB, nkp, sc.Pb.data());
           for_chunks(DP, [&](auto nv, int64_t dc) {
             o_tile_bf16<decltype(nv)::value>(sc.Pb.data(), KB, nkp, Vp + (j0 / 2) * DP, DP, dc, sc.alpha,

@@ -39,16 +39,8 @@
 #include <sys/mman.h>
 #endif
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define CCTK_X86 1
-#endif
-
 #include "cpu/cpu_features.h"
-
-#define CCTK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#define CCTK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#define CCTK_AVX2 __attribute__((target("avx2,fma")))
+#include "cpu/vec_math.h"
 
 namespace cctk {
 namespace {
@@ -66,7 +58,23 @@ struct BsrGemm {
   const int32_t* ptr;   // n_out_blocks + 1
   const int32_t* idx;   // input block of each entry
   bool stream_out;      // large output: write it with non-temporal stores (no read-for-ownership)
+  bool gelu = false;    // epilogue: out = GELU_erf(acc) (before the residual)
+  const void* residual = nullptr;  // epilogue: out += residual[m, :] (same dtype and shape as out)
 };
+
+// Epilogue of one output vector: GELU then residual (nullptr: none).
+#ifdef CCTK_X86
+CCTK_AVX512 inline __m512 epilogue_f32(const BsrGemm& g, __m512 acc, const float* res, __mmask16 m) {
+  if (g.gelu) acc = vec::gelu_erf_ps(acc);
+  if (res) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, res));
+  return acc;
+}
+CCTK_AVX512 inline __m512 epilogue_bf16(const BsrGemm& g, __m512 acc, const uint16_t* res, __mmask16 m) {
+  if (g.gelu) acc = vec::gelu_erf_ps(acc);
+  if (res) acc = _mm512_add_ps(acc, vec::bf16_to_ps(_mm256_maskz_loadu_epi16(m, res)));
+  return acc;
+}
+#endif
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -149,7 +157,7 @@ void pack_blocks_bf16_pairs(const at::BFloat16* values, const int32_t* perm, int
 // AVX-512 fp32 micro-kernel: MR tokens x B (= 16*NV) outputs of one output block-row.
 template <int MR, int NV>
 CCTK_AVX512 inline void mk_f32_avx512(const BsrGemm& g, const float* x, const float* P, const float* bias,
-                                      int64_t ob, float* out) {
+                                      int64_t ob, float* out, const float* res) {
   constexpr int64_t B = 16 * NV;
   const int64_t ldx = g.in_cols, ldo = g.out_cols;
   const int64_t ow = std::min(B, g.out_cols - ob * B);
@@ -185,6 +193,13 @@ CCTK_AVX512 inline void mk_f32_avx512(const BsrGemm& g, const float* x, const fl
       }
     }
   }
+  if (g.gelu || res) {
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v)
+        acc[i][v] = epilogue_f32(g, acc[i][v], res ? res + i * ldo + ob * B + 16 * v : nullptr, msk[v]);
+  }
   if (g.stream_out && ow == B && ((reinterpret_cast<uintptr_t>(out + ob * B) | (ldo * 4)) & 63) == 0) {
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i)
@@ -201,7 +216,7 @@ CCTK_AVX512 inline void mk_f32_avx512(const BsrGemm& g, const float* x, const fl
 // AVX-512-BF16 micro-kernel: x and out bf16, P2 packed pairs, fp32 accumulators.
 template <int MR, int NV>
 CCTK_AVX512BF16 inline void mk_bf16_avx512(const BsrGemm& g, const uint16_t* x, const uint32_t* P2,
-                                           const uint16_t* bias, int64_t ob, uint16_t* out) {
+                                           const uint16_t* bias, int64_t ob, uint16_t* out, const uint16_t* res) {
   constexpr int64_t B = 16 * NV;
   const int64_t ldx = g.in_cols, ldo = g.out_cols;
   const int64_t ow = std::min(B, g.out_cols - ob * B);
@@ -259,6 +274,13 @@ CCTK_AVX512BF16 inline void mk_bf16_avx512(const BsrGemm& g, const uint16_t* x, 
           acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)xv, (__m512bh)w[v]);
       }
     }
+  }
+  if (g.gelu || res) {
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v)
+        acc[i][v] = epilogue_bf16(g, acc[i][v], res ? res + i * ldo + ob * B + 16 * v : nullptr, msk[v]);
   }
   if (NV >= 2 && g.stream_out && ow == B && ((reinterpret_cast<uintptr_t>(out + ob * B) | (ldo * 2)) & 63) == 0) {
 #pragma GCC unroll 32
@@ -330,6 +352,7 @@ CCTK_AVX2 inline void mk_f32_avx2(const BsrGemm& g, const float* x, const float*
 // computed on a zero-padded copy of its rows.
 template <typename T, int MR, typename Micro>
 void drive_tiles(const BsrGemm& g, const T* in, T* out, Micro micro) {
+  const T* res = static_cast<const T*>(g.residual);
   const int64_t n_tiles = cdiv(g.M, MR);
   const int64_t want_units = 8 * std::max<int64_t>(1, at::get_num_threads());
   const int64_t group = std::max<int64_t>(1, std::min<int64_t>(8, n_tiles / want_units));
@@ -340,7 +363,7 @@ void drive_tiles(const BsrGemm& g, const T* in, T* out, Micro micro) {
   const int64_t rem = g.M - (n_tiles - 1) * MR;  // rows in the last tile, 1..MR
   const int64_t B = g.B;
   at::parallel_for(0, n_groups * n_obc, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<T> pin, pout;
+    std::vector<T> pin, pout, pres;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t gi = u / n_obc, oc = u % n_obc;
       const int64_t t0 = gi * group, t1 = std::min(n_tiles, t0 + group);
@@ -350,14 +373,18 @@ void drive_tiles(const BsrGemm& g, const T* in, T* out, Micro micro) {
         pin.assign(MR * g.in_cols + 2, T(0));
         pout.assign(MR * g.out_cols, T(0));
         std::memcpy(pin.data(), in + (n_tiles - 1) * MR * g.in_cols, rem * g.in_cols * sizeof(T));
+        if (res) {
+          pres.assign(MR * g.out_cols, T(0));
+          std::memcpy(pres.data(), res + (n_tiles - 1) * MR * g.out_cols, rem * g.out_cols * sizeof(T));
+        }
       }
       for (int64_t ob = ob0; ob < ob1; ++ob)
         for (int64_t t = t0; t < t1; ++t) {
           if (ragged && t == n_tiles - 1) {
-            micro(pin.data(), ob, pout.data());
+            micro(pin.data(), ob, pout.data(), res ? pres.data() : nullptr);
             continue;
           }
-          micro(in + t * MR * g.in_cols, ob, out + t * MR * g.out_cols);
+          micro(in + t * MR * g.in_cols, ob, out + t * MR * g.out_cols, res ? res + t * MR * g.out_cols : nullptr);
         }
 #ifdef CCTK_X86
       if (g.stream_out) _mm_sfence();
@@ -379,13 +406,13 @@ void gemm_f32_avx512_nv(const BsrGemm& g, const float* in, const float* P, const
   // The MR input rows a call streams should stay in L1 (32 KiB): B = 16 with wide inputs takes
   // 12-token tiles instead of 24.
   if (NV == 1 && MR * g.in_cols * 4 > (24 << 10)) {
-    drive_tiles<float, 12>(g, in, out, [&](const float* x, int64_t ob, float* o) {
-      mk_f32_avx512<12, NV>(g, x, P, bias, ob, o);
+    drive_tiles<float, 12>(g, in, out, [&](const float* x, int64_t ob, float* o, const float* r) {
+      mk_f32_avx512<12, NV>(g, x, P, bias, ob, o, r);
     });
     return;
   }
-  drive_tiles<float, MR>(g, in, out, [&](const float* x, int64_t ob, float* o) {
-    mk_f32_avx512<MR, NV>(g, x, P, bias, ob, o);
+  drive_tiles<float, MR>(g, in, out, [&](const float* x, int64_t ob, float* o, const float* r) {
+    mk_f32_avx512<MR, NV>(g, x, P, bias, ob, o, r);
   });
 }
 
@@ -394,14 +421,14 @@ void gemm_bf16_avx512_nv(const BsrGemm& g, const uint16_t* in, const uint32_t* P
                          uint16_t* out) {
   // B = 16: 16 tokens (24 made GCC spill accumulators around the pair broadcasts)
   constexpr int MR = NV == 1 ? 16 : (NV == 2 ? 12 : 6);
-  drive_tiles<uint16_t, MR>(g, in, out, [&](const uint16_t* x, int64_t ob, uint16_t* o) {
-    mk_bf16_avx512<MR, NV>(g, x, P2, bias, ob, o);
+  drive_tiles<uint16_t, MR>(g, in, out, [&](const uint16_t* x, int64_t ob, uint16_t* o, const uint16_t* r) {
+    mk_bf16_avx512<MR, NV>(g, x, P2, bias, ob, o, r);
   });
 }
 
 void gemm_f32_avx2(const BsrGemm& g, const float* in, const float* P, const float* bias, float* out) {
   constexpr int MR = 6;
-  drive_tiles<float, MR>(g, in, out, [&](const float* x, int64_t ob, float* o) {
+  drive_tiles<float, MR>(g, in, out, [&](const float* x, int64_t ob, float* o, const float*) {
     for (int64_t o0 = 0; o0 < g.B; o0 += 16) mk_f32_avx2<MR>(g, x, P, bias, ob, o0, o);
   });
 }
@@ -473,7 +500,8 @@ void advise_huge_pages(const at::Tensor& t) {
 // Shared GEMM entry for the forward and the input gradient.
 at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const at::Tensor& ptr_,
                         const at::Tensor& idx_, const at::Tensor& perm_, const c10::optional<at::Tensor>& bias_,
-                        int64_t out_cols, bool forward, const char* op) {
+                        int64_t out_cols, bool forward, const char* op, bool gelu = false,
+                        const at::Tensor& residual_ = at::Tensor()) {
   TORCH_CHECK(in_.dim() == 2, op, ": the input must be 2-D (rows, features), got shape ", in_.sizes());
   TORCH_CHECK(in_.device().is_cpu() && values_.device().is_cpu(), op, ": tensors must be on the CPU");
   TORCH_CHECK(in_.scalar_type() == values_.scalar_type(), op, ": input dtype ", in_.scalar_type(),
@@ -507,23 +535,41 @@ at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const 
                 " differs from the input dtype ", in_.scalar_type());
     TORCH_CHECK(bias.device().is_cpu(), op, ": bias must be on the CPU");
   }
+  at::Tensor residual;
+  if (residual_.defined()) {
+    TORCH_CHECK(residual_.dim() == 2 && residual_.size(0) == M && residual_.size(1) == out_cols, op,
+                ": residual must have the output's shape (", M, ", ", out_cols, "), got ", residual_.sizes());
+    TORCH_CHECK(residual_.scalar_type() == in_.scalar_type() && residual_.device().is_cpu(), op,
+                ": residual must be a CPU tensor of the input dtype ", in_.scalar_type(), ", got ",
+                residual_.scalar_type(), " on ", residual_.device());
+    residual = residual_.contiguous();
+  }
   auto in = in_.contiguous();
   auto values = values_.contiguous();
   auto out = at::empty({M, out_cols}, in.options());
   if (M == 0 || out_cols == 0) return out;
   advise_huge_pages(out);
+  // epilogue as a separate pass, for the paths whose micro-kernels have none
+  auto finish = [&](at::Tensor& o) -> at::Tensor& {
+    if (gelu) o = at::gelu(o);
+    if (residual.defined()) o.add_(residual);
+    return o;
+  };
   if (in_cols == 0 || nnz == 0) {
     if (bias.defined()) out.copy_(bias.unsqueeze(0).expand({M, out_cols}));
     else out.zero_();
-    if (nnz == 0 || in_cols == 0) {
-      // every kept block multiplies zero input columns or there are none: bias only
-      return out;
-    }
+    // every kept block multiplies zero input columns or there are none: bias only
+    return finish(out);
   }
   const char* env_stream = std::getenv("CCTK_BSR_STREAM");
   const int64_t stream_bytes = env_stream ? std::atoll(env_stream) : (int64_t(4) << 20);
   const bool stream_out = M * out_cols * static_cast<int64_t>(in.element_size()) >= stream_bytes;
   BsrGemm g{M, in_cols, out_cols, B, n_out_blocks, ptr.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), stream_out};
+  // the AVX-512 micro-kernels finish each output tile in registers (GELU, + residual)
+  auto fuse_epilogue = [&]() {
+    g.gelu = gelu;
+    g.residual = residual.defined() ? residual.data_ptr() : nullptr;
+  };
   const int32_t* pperm = forward ? nullptr : perm.data_ptr<int32_t>();
   const Capability cap = cpu::detect();
   const auto st = in.scalar_type();
@@ -532,6 +578,7 @@ at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const 
   if (st == at::kBFloat16 && cap >= Capability::AVX512_BF16 && (B == 16 || B == 32 || B == 64)) {
     std::vector<uint32_t> P2(static_cast<size_t>(nnz) * (B / 2) * B);
     pack_blocks_bf16_pairs(values.data_ptr<at::BFloat16>(), pperm, nnz, B, forward, P2.data());
+    fuse_epilogue();
     const uint16_t* xin = reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>());
     const uint16_t* bp = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::BFloat16>()) : nullptr;
     uint16_t* op_ = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
@@ -549,10 +596,12 @@ at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const 
     at::Tensor out32 = st == at::kFloat ? out : at::empty({M, out_cols}, in.options().dtype(at::kFloat));
     if (st == at::kFloat) pack_blocks<float, float>(values.data_ptr<float>(), pperm, nnz, B, forward, P.data());
     else pack_blocks<at::BFloat16, float>(values.data_ptr<at::BFloat16>(), pperm, nnz, B, forward, P.data());
+    const bool fused = st == at::kFloat && cap >= Capability::AVX512 && (B == 16 || B == 32 || B == 64);
+    if (fused) fuse_epilogue();
     gemm_f32(g, in32.data_ptr<float>(), P.data(), bias32.defined() ? bias32.data_ptr<float>() : nullptr,
              out32.data_ptr<float>(), cap);
     if (st != at::kFloat) out.copy_(out32);
-    return out;
+    return fused ? out : finish(out);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "bsr_gemm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -561,12 +610,23 @@ at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const 
     gemm_scalar<scalar_t, acc_t>(g, in.data_ptr<scalar_t>(), P.data(),
                                  bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>());
   });
-  return out;
+  return finish(out);
 }
 
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
                           const at::Tensor& col, const c10::optional<at::Tensor>& bias, int64_t out_features) {
   return bsr_gemm_cpu(x, values, crow, col, at::Tensor(), bias, out_features, true, "cctk::bsr_linear");
+}
+
+// Forward with an epilogue (inference): activation "none" | "gelu" (exact erf), then + residual.
+at::Tensor bsr_linear_epilogue_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
+                                   const at::Tensor& col, const c10::optional<at::Tensor>& bias, int64_t out_features,
+                                   c10::string_view activation, const c10::optional<at::Tensor>& residual) {
+  const char* op = "cctk::bsr_linear_epilogue";
+  TORCH_CHECK(activation == "none" || activation == "gelu", op, ": activation must be 'none' or 'gelu', got '",
+              std::string(activation), "'");
+  return bsr_gemm_cpu(x, values, crow, col, at::Tensor(), bias, out_features, true, op, activation == "gelu",
+                      residual.has_value() ? *residual : at::Tensor());
 }
 
 at::Tensor bsr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
@@ -805,6 +865,7 @@ at::Tensor bsr_linear_backward_weight_cpu(const at::Tensor& grad_out_, const at:
 
 TORCH_LIBRARY_IMPL(cctk, CPU, m) {
   m.impl("bsr_linear", &bsr_linear_cpu);
+  m.impl("bsr_linear_epilogue", &bsr_linear_epilogue_cpu);
   m.impl("bsr_linear_backward_input", &bsr_linear_backward_input_cpu);
   m.impl("bsr_linear_backward_weight", &bsr_linear_backward_weight_cpu);
 }

@@ -1,0 +1,30 @@
+"""``cctk.nn.LayerNorm``: ``nn.LayerNorm`` (last dimension) whose inference forward runs
+``cctk.ops.layer_norm`` (the C++ kernel); with autograd recording it is torch's own."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cctk.ops.layer_norm import layer_norm
+
+
+class LayerNorm(nn.LayerNorm):
+    """Drop-in ``nn.LayerNorm`` over the last dimension (same parameters and state dict)."""
+
+    @classmethod
+    def from_torch(cls, ln: nn.LayerNorm) -> "LayerNorm":
+        """The same layer (sharing its parameters) as a ``cctk.nn.LayerNorm``."""
+        if len(ln.normalized_shape) != 1:
+            raise ValueError(f"cctk.nn.LayerNorm normalises the last dimension only, got normalized_shape "
+                             f"{tuple(ln.normalized_shape)}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.normalized_shape, new.eps, new.elementwise_affine = ln.normalized_shape, ln.eps, ln.elementwise_affine
+        new.weight, new.bias = ln.weight, ln.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or (self.weight is not None and self.weight.requires_grad)):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
