@@ -2,7 +2,10 @@
 commands of later modules, e.g. ``cctk snp`` and ``cctk prune``, when they are installed).
 
 User errors (unknown model or dataset, missing data, an image size the model cannot take, a bad
-option) print one ``cctk <command>: error: ...`` line on stderr and exit with status 2.
+option, a missing, empty, foreign or damaged file, a device this machine lacks, a read-only or
+full file system) print one ``cctk <command>: error: ...`` line on stderr and exit with status 2,
+having written nothing (every ``cctk.errors.ConfigError``, ``cctk.data.DataError`` and
+``OSError`` of a command ends there).
 """
 from __future__ import annotations
 
