@@ -2,7 +2,10 @@
 commands of later modules, e.g. ``cctk snp`` and ``cctk prune``, when they are installed).
 
 User errors (unknown model or dataset, missing data, an image size the model cannot take, a bad
-option) print one ``cctk <command>: error: ...`` line on stderr and exit with status 2.
+option, a missing, empty, foreign or damaged file, a device this machine lacks, a read-only or
+full file system) print one ``cctk <command>: error: ...`` line on stderr and exit with status 2,
+having written nothing (every ``cctk.errors.ConfigError``, ``cctk.data.DataError`` and
+``OSError`` of a command ends there).
 """
 from __future__ import annotations
 
@@ -163,9 +166,8 @@ def add_config_arguments(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -
 def config_from_args(args: argparse.Namespace):
     """TrainConfig = base (the checkpoint's config when resuming, else ``--preset``, else the
     preset named like ``--dataset`` when there is one, else the defaults) + the options given."""
-    from cctk.train import (ConfigError, TrainConfig, get_preset, preset_for_dataset,
-                            read_checkpoint)
-    from cctk.train.loop import _resume_path
+    from cctk.train import ConfigError, TrainConfig, get_preset, preset_for_dataset
+    from cctk.train.loop import _resume_path, read_resume_checkpoint
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if hasattr(args, f.name)}
@@ -175,7 +177,7 @@ def config_from_args(args: argparse.Namespace):
     preset = getattr(args, "preset", None)
     if "resume" in given and given["resume"] is not None:
         probe = TrainConfig(out=given.get("out", TrainConfig().out), resume=given["resume"])
-        ckpt = read_checkpoint(_resume_path(probe))
+        ckpt = read_resume_checkpoint(_resume_path(probe))
         base = TrainConfig.from_dict(ckpt["train_config"]).to_dict()
         if preset is not None:
             raise ConfigError("--preset cannot be combined with --resume (the checkpoint holds "
@@ -225,35 +227,51 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 # cctk eval
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
+def positive(what: str, value, allow_none: bool = True) -> None:
+    """A count option (``--batch-size``, ``--subset``) must be >= 1."""
+    from cctk.errors import ConfigError
 
+    if value is None and allow_none:
+        return
+    if value is None or value < 1:
+        raise ConfigError(f"{what} must be >= 1, got {value}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
     from cctk import data
     from cctk.train import (ConfigError, check_model_input, evaluate, load_checkpoint,
-                            resolve_amp, subset_dataset)
+                            resolve_amp, resolve_device)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    positive("--batch-size", args.batch_size, allow_none=False)
+    positive("--subset", args.subset)
+    if args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+    positive("--img-size", args.img_size)
+    if args.out is not None and os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out} is a directory; give a file name for the JSON result")
+    device = resolve_device(args.device)
     model, ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
     model.to(device)
-    trained_on = ckpt.get("dataset", {})
+    trained_on = ckpt.get("dataset") if isinstance(ckpt.get("dataset"), dict) else {}
     name = args.dataset or trained_on.get("name")
     if name is None:
         raise ConfigError("the checkpoint names no dataset; pass --dataset")
-    data_dir = args.data_dir if args.data_dir is not None else (
-        trained_on.get("data_dir") if name == trained_on.get("name") else None)
-    img_size = args.img_size if args.img_size is not None else (
-        trained_on.get("img_size") if name == trained_on.get("name") else None)
-    same = name == trained_on.get("name")
-    if args.split is None:
-        try:
-            args.split = data.dataset_info(name).eval_split
-        except (data.DataError, KeyError, ValueError) as exc:
-            raise ConfigError(str(exc.args[0] if exc.args else exc)) from exc
-    options = dict(trained_on.get("dataset_options") or {}) if same else {}
-    options.update(args.dataset_options or {})
     try:
-        ds = data.get_dataset(name, args.split, data_dir=data_dir, img_size=img_size,
-                              augment=False, download=args.download, **options)
+        name = data.canonical_name(name)
+        # the run's own data record (its directory, image size, options); another dataset
+        # starts from nothing; the options given here go on top
+        same = name == trained_on.get("name")
+        record = dict(trained_on) if same else {"name": name}
+        if args.data_dir is not None:
+            record["data_dir"] = args.data_dir
+        if args.img_size is not None:
+            record["img_size"] = args.img_size
+        if args.dataset_options:
+            record["dataset_options"] = {**(record.get("dataset_options") or {}), **args.dataset_options}
+        args.split = args.split or "eval"
+        ds = data.from_record(record, args.split, subset=args.subset, download=args.download)
+        if args.split == "eval":
+            args.split = record.get("eval_split") or data.dataset_info(name).eval_split
     except ConfigError:
         raise
     except (data.DataError, KeyError, ValueError, OSError, RuntimeError) as exc:
@@ -263,8 +281,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"the checkpoint's model predicts {model.num_classes} classes, dataset "
                           f"{name!r} has {ds.num_classes}")
     check_model_input(model, ds.in_channels, ds.img_size, device)
-    if args.subset is not None and args.subset < len(ds):
-        ds = subset_dataset(ds, args.subset)
+    if len(ds) == 0:
+        raise ConfigError(f"dataset {name!r} split {args.split!r} holds no images")
     loader = data.build_loader(ds, args.batch_size, shuffle=False, num_workers=args.num_workers)
     amp_dtype = resolve_amp(args.amp, device)
     result = evaluate(model, loader, device, amp_dtype)
@@ -275,7 +293,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{report['model']} on {name}/{args.split} ({result['n']} images): accuracy "
           f"{result['accuracy']:.4f}, loss {result['loss']:.4f}")
     if args.out:
-        from cctk.train.checkpoint import atomic_write_text
+        from cctk.checkpoint import atomic_write_text
 
         atomic_write_text(json.dumps(report, indent=2) + "\n", args.out)
         print(f"wrote {args.out}")
@@ -313,8 +331,21 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cctk.demo import run_demo
+    from cctk.errors import ConfigError
+    from cctk.experiments.demo import run_demo
+    from cctk.train import resolve_device
 
+    for what in ("epochs", "finetune_epochs", "train_subset", "test_subset", "null_draws"):
+        v = getattr(args, what)
+        low = 0 if what in ("finetune_epochs", "null_draws") else 1
+        if v is not None and v < low:
+            raise ConfigError(f"--{what.replace('_', '-')} must be >= {low}, got {v}")
+    if args.density is not None and not 0 < args.density <= 1:
+        raise ConfigError(f"--density must lie in (0, 1], got {args.density}")
+    if args.device is not None:
+        resolve_device(args.device)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out} is a file, not a directory; choose a directory")
     options = {k: getattr(args, k) for k in ("density", "block_size", "finetune_epochs", "train_subset",
                                               "test_subset", "null_draws") if getattr(args, k) is not None}
     if args.sweep is not None:
@@ -335,7 +366,7 @@ def _densities(text: str):
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from cctk.demo import DEFAULT_DENSITY, DEFAULT_EPOCHS, SWEEP_DENSITIES
+    from cctk.experiments.demo import DEFAULT_DENSITY, DEFAULT_EPOCHS, SWEEP_DENSITIES
 
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--dataset", default="digits", help="dataset (digits needs no files)")
@@ -428,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def _broken_command(name: str, exc: Exception):
     def run(args) -> int:
         print(f"cctk {name}: error: {COMMAND_MODULES[name]} failed to import: "
@@ -443,12 +479,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    from cctk.train import ConfigError
+    from cctk.data import DataError
+    from cctk.errors import ConfigError
 
     try:
         code = args.func(args)
-    except ConfigError as exc:
-        print(f"cctk {args.command}: error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError) as exc:
+        print(f"cctk {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a read-only or full file system, a path that is not a directory ...
+        if isinstance(exc, BrokenPipeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 1
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"cctk {args.command}: error: cannot write or read{where}: "
+              f"{exc.strerror or exc}; free space or choose a writable path", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"cctk {args.command}: interrupted", file=sys.stderr)

@@ -392,3 +392,48 @@ def test_weight_grad_ref_matches_dense():
 
 def test_package_exports():
     assert cctk.ANDCLinear is ANDCLinear
+
+
+def test_state_dict_without_mask_cannot_smuggle_indices():
+    """A state dict lacking ``mask`` is checked against this module's own mask: tampered index
+    buffers are refused (strict or not) and nothing changes; a later error in the same state
+    dict (bad bias) also leaves a mask change undone."""
+    _, mod, mask = _pair(50, 70, 16, density=0.5)
+    before = {k: v.clone() for k, v in mod.state_dict().items()}
+    bad = {k: v for k, v in mod.state_dict().items() if k != "mask"}
+    bad["col_indices"] = bad["col_indices"].flip(0).contiguous()
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="col_indices: does not match"):
+            mod.load_state_dict(bad, strict=strict)
+    fresh = ANDCLinear(50, 70, 16, torch.ones_like(mask))
+    fresh_before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    other = dict(mod.state_dict())
+    other["bias"] = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="bias"):
+        fresh.load_state_dict(other)
+    for m, b in ((mod, before), (fresh, fresh_before)):
+        after = m.state_dict()
+        assert b.keys() == after.keys() and all(torch.equal(b[k], after[k]) for k in b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_double_backward_is_exact_or_refused(backend):
+    """create_graph=True: the torch backend differentiates twice (same as the masked dense layer);
+    the compiled / Triton backends, whose backward kernels have no autograd, refuse it instead of
+    returning zero second-order gradients."""
+    lin, mod, _ = _pair(32, 48, 16, density=0.5, dtype=torch.float64)
+    mod.backend = backend
+    x = torch.randn(5, 32, dtype=torch.float64, requires_grad=True)
+    if backend != "torch":
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(mod(x).pow(2).sum(), x, create_graph=True)
+        mod(x).pow(2).sum().backward()      # first order is unaffected
+        assert x.grad is not None and mod.values.grad is not None
+        return
+    (g,) = torch.autograd.grad(mod(x).pow(2).sum(), x, create_graph=True)
+    g.pow(2).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    w = mod.to_dense().detach()
+    (g2,) = torch.autograd.grad(F.linear(x2, w, mod.bias.detach()).pow(2).sum(), x2, create_graph=True)
+    g2.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)

@@ -12,7 +12,7 @@ REQUIRED = ("dense_accuracy", "andc_accuracy", "magnitude_accuracy", "linear_den
 @pytest.mark.slow
 def test_run_pipeline_digits_tiny(tmp_path):
     from cctk.prune import load_pruned
-    from cctk.prune.pipeline import run_pipeline
+    from cctk.experiments import run_pipeline
 
     out = tmp_path / "demo"
     summary = run_pipeline(str(out), dataset="digits", epochs=2, density=0.5, block_size=16,
@@ -50,12 +50,12 @@ def test_run_pipeline_digits_tiny(tmp_path):
     assert ckpt["metrics"]["test_accuracy"] == pytest.approx(on_disk["andc_accuracy"])
     # the classifier sets recomputed at the SNP threshold equal the SNP pass's final_recognized
     from cctk.prune.andc import final_stream_means, final_stream_sets
-    from cctk.prune.pipeline import _train_split_loader
+    from cctk.experiments import train_split_loader
     from cctk.snp import load_recognized
     from cctk.train import load_checkpoint
 
     dense, dck = load_checkpoint(str(out / "train" / "checkpoint.pt"))
-    means = final_stream_means(dense, _train_split_loader(dck["dataset"], None, 256), 10)
+    means = final_stream_means(dense, train_split_loader(dck["dataset"], None, 256), 10)
     snp_final = torch.as_tensor(load_recognized(str(out / "snp"))["final_recognized"])
     assert torch.equal(final_stream_sets(dense, means, 0.3), snp_final)
     scan = on_disk["classifier_scan"]

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import cctk.prune as P
+import cctk.prune.masks as PM
+import cctk.prune.permute as PP
 from cctk.models import create_model
 from cctk.prune.andc import RecognizedSets
 
@@ -71,22 +73,22 @@ def outputs(model, x):
 def test_overlap_scores_hand_made():
     D_out = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     D_in = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
-    s = P.overlap_scores(D_out, D_in)
+    s = PM.overlap_scores(D_out, D_in)
     expected = torch.tensor([[1, 1, 2], [0, 0, 0], [1, 2, 3]])
     assert torch.equal(s, expected)
-    keep = P.connection_keep(s, 1)
+    keep = PM.connection_keep(s, 1)
     assert torch.equal(keep, expected >= 1)
     assert not keep[1].any()  # an empty-label node loses every connection
-    assert torch.equal(P.connection_keep(s, 2), expected >= 2)
+    assert torch.equal(PM.connection_keep(s, 2), expected >= 2)
     with pytest.raises(ValueError, match="min_overlap"):
-        P.connection_keep(s, 0)
+        PM.connection_keep(s, 0)
     with pytest.raises(ValueError, match="same number of labels"):
-        P.overlap_scores(D_out, D_in[:, :3])
+        PM.overlap_scores(D_out, D_in[:, :3])
 
 
 def test_classifier_keep_is_transposed_final_sets():
     final = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)  # (d=4, K=3)
-    m = P.classifier_keep(final)
+    m = PM.classifier_keep(final)
     assert m.shape == (3, 4)
     assert m[0].tolist() == [True, False, False, True]   # label 0 from nodes 0 and 3
     assert m[2].tolist() == [False, True, False, True]
@@ -95,11 +97,11 @@ def test_classifier_keep_is_transposed_final_sets():
 
 def test_block_reduce_and_expand_partial_edges():
     x = torch.arange(5 * 7, dtype=torch.float64).view(5, 7)
-    r = P.block_reduce(x, 4)
+    r = PM.block_reduce(x, 4)
     assert r.shape == (2, 2)
     assert r[0, 0] == x[:4, :4].sum() and r[1, 1] == x[4:, 4:].sum()
     bm = torch.tensor([[True, False], [False, True]])
-    full = P.expand_block_mask(bm, 4, (5, 7))
+    full = PM.expand_block_mask(bm, 4, (5, 7))
     assert full.shape == (5, 7) and full[:4, :4].all() and not full[:4, 4:].any() and full[4:, 4:].all()
 
 
@@ -108,13 +110,13 @@ def test_andc_block_mask_hits_target_density(density):
     g = torch.Generator().manual_seed(0)
     D_out = torch.rand(96, K, generator=g) < 0.2
     D_in = torch.rand(64, K, generator=g) < 0.2
-    s = P.overlap_scores(D_out, D_in)
-    keep = P.connection_keep(s)
-    bm = P.andc_block_mask(s, keep, 16, density=density)
+    s = PM.overlap_scores(D_out, D_in)
+    keep = PM.connection_keep(s)
+    bm = PM.andc_block_mask(s, keep, 16, density=density)
     assert bm.shape == (6, 4)
     assert int(bm.sum()) == round(density * 24)
     # the kept blocks are those of highest summed kept score
-    bs = P.block_reduce(s.double() * keep, 16)
+    bs = PM.block_reduce(s.double() * keep, 16)
     assert bs[bm].min() >= bs[~bm].max() if (~bm).any() else True
 
 
@@ -122,25 +124,25 @@ def test_andc_block_mask_tau_threshold():
     s = torch.zeros(32, 32, dtype=torch.int64)
     s[:16, :16] = 2              # block (0,0) fully kept
     s[16:, :4] = 1               # block (1,0): 4/16 columns kept -> fraction 0.25
-    keep = P.connection_keep(s)
-    bm = P.andc_block_mask(s, keep, 16, tau=0.5)
+    keep = PM.connection_keep(s)
+    bm = PM.andc_block_mask(s, keep, 16, tau=0.5)
     assert bm.tolist() == [[True, False], [False, False]]
-    bm = P.andc_block_mask(s, keep, 16, tau=0.25)
+    bm = PM.andc_block_mask(s, keep, 16, tau=0.25)
     assert bm.tolist() == [[True, False], [True, False]]
-    bm = P.andc_block_mask(s, keep, 16, tau=0.0)  # tau 0 keeps blocks with any kept connection
+    bm = PM.andc_block_mask(s, keep, 16, tau=0.0)  # tau 0 keeps blocks with any kept connection
     assert bm.tolist() == [[True, False], [True, False]]
     with pytest.raises(ValueError, match="exactly one"):
-        P.andc_block_mask(s, keep, 16)
+        PM.andc_block_mask(s, keep, 16)
 
 
 def test_magnitude_block_mask_keeps_largest_blocks():
     w = torch.randn(48, 32) * 0.01
     w[16:32, 0:16] += 5.0
     w[32:48, 16:32] -= 3.0
-    bm = P.magnitude_block_mask(w, 16, n_keep=2)
+    bm = PM.magnitude_block_mask(w, 16, n_keep=2)
     assert bm.tolist() == [[False, False], [True, False], [False, True]]
-    assert int(P.magnitude_block_mask(w, 16, density=0.5).sum()) == 3
-    em = P.magnitude_element_mask(w, 10)
+    assert int(PM.magnitude_block_mask(w, 16, density=0.5).sum()) == 3
+    em = PM.magnitude_element_mask(w, 10)
     assert int(em.sum()) == 10 and w.abs()[em].min() >= w.abs()[~em].max()
 
 
@@ -153,7 +155,7 @@ def test_permute_ff_preserves_outputs():
     x = images()
     y = outputs(m, x)
     for b in range(m.num_blocks):
-        P.permute_ff(m, b, torch.randperm(m.ff_dim))
+        PP.permute_ff(m, b, torch.randperm(m.ff_dim))
     torch.testing.assert_close(outputs(m, x), y, atol=1e-5, rtol=1e-5)
     # sensitivity: permuting linear1's rows without linear2's columns changes the outputs
     bad = copy.deepcopy(m)
@@ -172,9 +174,9 @@ def test_permute_head_dims_preserves_outputs(which):
         for h in range(m.num_heads):
             p = torch.randperm(m.head_dim)
             if which == "qk":
-                P.permute_head_dims(m, b, h, perm_qk=p)
+                PP.permute_head_dims(m, b, h, perm_qk=p)
             else:
-                P.permute_head_dims(m, b, h, perm_v=p)
+                PP.permute_head_dims(m, b, h, perm_v=p)
     assert not torch.equal(before, m.blocks[1].self_attn.qkv.weight)
     torch.testing.assert_close(outputs(m, x), y, atol=1e-5, rtol=1e-5)
     # sensitivity: q rows alone (without k) break the function
@@ -192,13 +194,13 @@ def test_permute_stream_preserves_outputs():
         x = images()
         y = outputs(m, x)
         perm = torch.randperm(m.embed_dim)
-        P.permute_stream(m, perm)
+        PP.permute_stream(m, perm)
         torch.testing.assert_close(outputs(m, x), y, atol=1e-5, rtol=1e-5)
     # sensitivity: leaving out one tensor (the final norm) breaks it
     m = tiny_model()
     y = outputs(m, x)
     w, b = m.classifier.norm.weight.clone(), m.classifier.norm.bias.clone()
-    P.permute_stream(m, perm)
+    PP.permute_stream(m, perm)
     with torch.no_grad():
         m.classifier.norm.weight.copy_(w)
         m.classifier.norm.bias.copy_(b)
@@ -208,11 +210,11 @@ def test_permute_stream_preserves_outputs():
 def test_permutations_validate_input():
     m = tiny_model()
     with pytest.raises(ValueError, match="permutation"):
-        P.permute_stream(m, torch.arange(m.embed_dim - 1))
+        PP.permute_stream(m, torch.arange(m.embed_dim - 1))
     with pytest.raises(ValueError, match="permutation"):
-        P.permute_ff(m, 0, torch.zeros(m.ff_dim, dtype=torch.long))
+        PP.permute_ff(m, 0, torch.zeros(m.ff_dim, dtype=torch.long))
     with pytest.raises(ValueError, match="head"):
-        P.permute_head_dims(m, 0, m.num_heads, perm_qk=torch.arange(m.head_dim))
+        PP.permute_head_dims(m, 0, m.num_heads, perm_qk=torch.arange(m.head_dim))
 
 
 def test_label_order_groups_labels():
@@ -221,12 +223,12 @@ def test_label_order_groups_labels():
         sets[n, k] = True
     sets[5] = False  # empty node goes last
     for method in ("dominant", "lexicographic"):
-        order = P.label_order(sets, method)
+        order = PP.label_order(sets, method)
         assert sorted(order.tolist()) == list(range(8))
         assert order[-1].item() == 5
         labels = [int(sets[i].float().argmax()) for i in order[:-1]]
         assert labels == sorted(labels)
-    assert torch.equal(P.label_order(sets, "identity"), torch.arange(8))
+    assert torch.equal(PP.label_order(sets, "identity"), torch.arange(8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,8 +259,8 @@ def test_prune_andc_masks_follow_label_sets():
     # every kept block of linear1 holds at least one ANDC-kept connection, and kept blocks have
     # the highest scores; block 0's qkv uses the all-labels assumption for the tokens
     assert plan.tokens_assumed
-    s = P.overlap_scores(rs.ff[0], rs.stream_mha[0])
-    kept = P.block_reduce(s.double() * (s >= 1), 16)
+    s = PM.overlap_scores(rs.ff[0], rs.stream_mha[0])
+    kept = PM.block_reduce(s.double() * (s >= 1), 16)
     bm = plan.block_masks["classifier.blocks.0.linear1"]
     assert kept[bm].min() >= kept[~bm].max()
     # pruned weights are zero in the masked forward
@@ -296,7 +298,7 @@ def test_magnitude_baseline_same_per_layer_densities():
     assert a["classifier_density"] == b["classifier_density"]
     for name, bm in mplan.block_masks.items():
         w = m.get_submodule(name).weight
-        norms = P.block_reduce(w.abs(), 16)
+        norms = PM.block_reduce(w.abs(), 16)
         if bm.any() and (~bm).any():
             assert norms[bm].min() >= norms[~bm].max()
 
@@ -368,7 +370,8 @@ def test_pruned_checkpoint_masked_modules_round_trip(tmp_path):
 
 
 def _tiny_checkpoint(tmp_path):
-    from cctk.train.checkpoint import atomic_save, checkpoint_dict
+    from cctk.checkpoint import atomic_save, checkpoint_provenance
+    from cctk.train.state import checkpoint_dict
 
     m = tiny_model()
     ckpt = checkpoint_dict(model=m, dataset={"name": "digits", "data_dir": None, "img_size": 8, "in_channels": 1,
@@ -378,6 +381,8 @@ def _tiny_checkpoint(tmp_path):
     snp_dir = tmp_path / "snp"
     snp_dir.mkdir()
     np.savez(snp_dir / "nodes.npz", **{k: v.numpy() for k, v in random_sets(m).items()})
+    # the provenance `cctk snp` records (cctk prune refuses an SNP of another checkpoint)
+    (snp_dir / "snp.json").write_text(json.dumps({"config": checkpoint_provenance(path)}))
     return m, path, snp_dir
 
 
@@ -439,7 +444,7 @@ def test_finetune_through_andclinear_sparse_autograd():
     loader = DataLoader(TensorDataset(torch.randn(48, 1, 8, 8), torch.randint(0, K, (48,))), batch_size=16)
     hist = P.finetune(pm, loader, epochs=1, lr=1e-3)
     after = lin.to_dense().detach()
-    kept = P.expand_block_mask(plan.block_masks["classifier.blocks.0.linear1"], 16, after.shape)
+    kept = PM.expand_block_mask(plan.block_masks["classifier.blocks.0.linear1"], 16, after.shape)
     assert np.isfinite(hist[0]["train_loss"])
     assert torch.equal(after[~kept], torch.zeros_like(after[~kept]))  # pruned blocks stay pruned
     assert not torch.equal(after[kept], before[kept])

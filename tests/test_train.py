@@ -17,7 +17,8 @@ import torch
 from cctk import data, models
 from cctk.train import (ConfigError, PRESETS, TrainConfig, WarmupCosine, build_optimizer,
                         build_scheduler, evaluate, get_preset, load_checkpoint, resolve_amp, train)
-from cctk.train.checkpoint import (atomic_save, checkpoint_dict, epoch_seed, read_checkpoint)
+from cctk.checkpoint import atomic_save, read_checkpoint
+from cctk.train.state import checkpoint_dict, epoch_seed
 from cctk.train.loop import make_grad_scaler, train_one_epoch
 
 
@@ -330,10 +331,10 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2
-    # each rank trained on its own half: 2 x 100 distinct samples, no overlap
-    assert m["train_shard_sizes"] == [100, 100]
-    assert m["train_shard_union"] == 200 and m["train_shard_overlap"] == 0
+    # each rank trained on its own half (torch's DistributedSampler over the 2 ranks)
     assert m["history"][0]["samples_per_rank"] == [100, 100]
+    sampler = torch.load(out / "checkpoint.pt", weights_only=True)["sampler"]
+    assert sampler["sampler"] == "DistributedSampler" and sampler["world_size"] == 2
     # evaluation counts were summed over the ranks' disjoint shards (51 + 50)
     assert m["test_samples"] == 101
     assert 0.0 <= m["test_accuracy"] <= 1.0

@@ -17,15 +17,15 @@ from cctk.data.augment import (AUGMENT_PRESETS, AugmentConfig, MixupCutmix, Rand
                                resolve_augment)
 from cctk.data.formats import (CorruptDataError, DataError, DataNotFoundError,
                                DatasetArgumentError, read_idx)
-from cctk.data.loader import EpochSampler, build_loader, set_loader_epoch
-from cctk.data.registry import (DATASETS, DatasetInfo, canonical_name, dataset_info, get_dataset,
-                                list_datasets)
+from cctk.data.loader import EpochSampler, build_loader, epoch_sampler, set_loader_epoch
+from cctk.data.registry import (DATASETS, DatasetInfo, canonical_name, dataset_info, from_record,
+                                get_dataset, list_datasets, subset_dataset)
 from cctk.data.sources import default_data_dir, make_synthetic
 from cctk.data.tensor_dataset import TensorImageDataset
 
 __all__ = [
-    "get_dataset", "dataset_info", "list_datasets", "canonical_name", "DATASETS", "DatasetInfo",
-    "build_loader", "set_loader_epoch", "EpochSampler",
+    "get_dataset", "from_record", "subset_dataset", "dataset_info", "list_datasets", "canonical_name", "DATASETS", "DatasetInfo",
+    "build_loader", "set_loader_epoch", "epoch_sampler", "EpochSampler",
     "AugmentConfig", "AUGMENT_PRESETS", "resolve_augment", "TensorAugment", "RandAugment",
     "parse_randaugment", "mixup_cutmix", "MixupCutmix", "one_hot_smooth",
     "DataError", "DataNotFoundError", "CorruptDataError", "DatasetArgumentError", "read_idx",

@@ -246,7 +246,12 @@ def resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 def random_erasing(x: torch.Tensor, p: float, scale=(0.02, 1.0 / 3.0), ratio=(0.3, 3.3),
                    attempts: int = 10) -> torch.Tensor:
     """With probability ``p`` per sample, replace one random box by ``N(0, 1)`` noise per pixel
-    (timm RandomErasing, ``mode="pixel"``, one box; applied to normalised images)."""
+    (timm RandomErasing, ``mode="pixel"``, one box; applied to normalised images).
+
+    Not ``torchvision.transforms.v2.RandomErasing``: given a batch, that one draws one box and
+    one coin for the whole batch, while the recipe erases each sample independently; called per
+    image it would undo the batched augmentation of :class:`TensorAugment`, and torchvision is
+    optional for cctk.data."""
     x, single = _as_batch(x)
     B, C, H, W = x.shape
     if p <= 0:

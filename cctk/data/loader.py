@@ -1,38 +1,30 @@
 """DataLoader construction with reproducible, per-epoch shuffling (single process or DDP).
 
 Shuffling is a function of ``(seed, epoch)`` only: call :func:`set_loader_epoch` before each
-epoch (both samplers honour it), so a resumed run sees the same order as an uninterrupted one
+epoch (the sampler honours it), so a resumed run sees the same order as an uninterrupted one
 without saving any generator state. Worker seeds come from the loader's generator, which
 :func:`set_loader_epoch` reseeds with ``seed + epoch`` for the same reason.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["EpochSampler", "build_loader", "set_loader_epoch"]
+__all__ = ["epoch_sampler", "EpochSampler", "build_loader", "set_loader_epoch"]
 
 
-class EpochSampler(Sampler):
-    """All indices, in a permutation drawn from ``torch.Generator().manual_seed(seed + epoch)``
-    when ``shuffle`` (else in order). The single-process twin of DistributedSampler."""
+def epoch_sampler(length: int, shuffle: bool = True, seed: int = 0) -> DistributedSampler:
+    """The single-process sampler: torch's ``DistributedSampler(num_replicas=1, rank=0, seed)``,
+    whose permutation of epoch e is ``randperm(length, generator=manual_seed(seed + e))`` (all
+    indices, no padding with one replica; in order without ``shuffle``)."""
+    return DistributedSampler(range(int(length)), num_replicas=1, rank=0, shuffle=bool(shuffle),
+                              seed=int(seed))
 
-    def __init__(self, length: int, shuffle: bool = True, seed: int = 0):
-        self.length, self.shuffle, self.seed, self.epoch = int(length), bool(shuffle), int(seed), 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.length))
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.length
+EpochSampler = epoch_sampler  # the name of cctk <= 0.1's own class (same orders, bit for bit)
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
@@ -43,7 +35,8 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
     ``distributed=True`` needs an initialised ``torch.distributed`` process group and uses a
     ``DistributedSampler(shuffle, seed, drop_last)``: each rank gets ``ceil(N / world)`` samples
     (the sampler pads by repeating samples unless ``drop_last``; evaluate on one rank or weigh
-    duplicates if exact counts matter). Otherwise an :class:`EpochSampler`. In both cases call
+    duplicates if exact counts matter). Otherwise :func:`epoch_sampler` (the same sampler with
+one replica). In both cases call
     :func:`set_loader_epoch(loader, epoch)` at the start of each epoch.
     ``collate_fn`` (e.g. ``MixupCutmix(...).collate``) replaces the default stacking.
     """
@@ -57,10 +50,9 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: 
             raise RuntimeError("build_loader(distributed=True) needs torch.distributed initialised: "
                                "launch with torchrun and call torch.distributed.init_process_group "
                                "first, or pass distributed=False")
-        from torch.utils.data.distributed import DistributedSampler
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     else:
-        sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed)
+        sampler = epoch_sampler(len(dataset), shuffle=shuffle, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         drop_last=drop_last, collate_fn=collate_fn, pin_memory=pin_memory,

@@ -11,7 +11,7 @@ from cctk.data.augment import resolve_augment
 from cctk.data.formats import DatasetArgumentError
 
 __all__ = ["DatasetInfo", "DATASETS", "dataset_info", "list_datasets", "get_dataset",
-           "canonical_name"]
+           "canonical_name", "from_record", "subset_dataset"]
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
@@ -181,3 +181,49 @@ def get_dataset(name: str, split: str = "train", data_dir=None, img_size: Option
     except (ValueError, TypeError) as exc:
         raise DatasetArgumentError(str(exc)) from exc
     return info.loader(info, split, data_dir, img_size, aug, download, **kw)
+
+
+def subset_dataset(dataset, n: int):
+    """The first ``n`` samples of ``dataset`` as a Subset that keeps ``num_classes``,
+    ``in_channels``, ``img_size`` and ``targets``."""
+    from torch.utils.data import Subset
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DatasetArgumentError(f"a subset needs a positive number of samples, got {n!r}")
+    sub = Subset(dataset, range(min(n, len(dataset))))
+    for attr in ("num_classes", "in_channels", "img_size", "classes"):
+        if hasattr(dataset, attr):
+            setattr(sub, attr, getattr(dataset, attr))
+    if hasattr(dataset, "targets"):
+        sub.targets = [int(t) for t in list(dataset.targets)[:len(sub)]]
+    return sub
+
+
+def from_record(record, split: str, data_dir=None, subset: Optional[int] = None, augment=False,
+                download: bool = False):
+    """Reopen a run's data: the ``split`` of the dataset a training run recorded (the
+    ``dataset`` entry of its checkpoint: name, data_dir, img_size, eval_split and the
+    ``dataset_options`` the dataset was built with, e.g. digits ``test_fraction``), so that
+    train, eval, snp, prune and the experiments all see the same images in the same splits.
+
+    ``split``: ``"train"``, ``"eval"`` (the split the run evaluated on: test, val for
+    flowers102) or any split name. ``data_dir``: overrides the recorded directory (the data
+    moved). ``subset``: only the first N samples. ``augment``: as :func:`get_dataset` (False
+    for every analysis). Raises :class:`DatasetArgumentError` for a record that names no
+    dataset, and what :func:`get_dataset` raises."""
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise DatasetArgumentError("the run's record names no dataset (a checkpoint from "
+                                   "`cctk train` records it)")
+    info = dataset_info(record["name"])
+    if split == "eval":
+        split = record.get("eval_split") or info.eval_split
+    options = record.get("dataset_options") or {}
+    if not isinstance(options, dict):
+        raise DatasetArgumentError(f"the run's dataset_options are damaged: {options!r}")
+    ds = get_dataset(info.name, split,
+                     data_dir=data_dir if data_dir is not None else record.get("data_dir"),
+                     img_size=record.get("img_size"), augment=augment, download=download,
+                     **options)
+    if subset is not None:
+        ds = subset_dataset(ds, subset)
+    return ds

@@ -13,8 +13,8 @@ import math
 import torch
 from torch import nn
 
-from cctk.ops.bsr_linear import (BACKENDS, _check_mask, bsr_linear, bsr_linear_epilogue, bsr_to_dense, bsr_transpose_index,
-                                 check_block_size, dense_to_bsr)
+from cctk.ops.bsr_linear import (BACKENDS, _check_mask, _resolve_backend, bsr_linear, bsr_linear_epilogue,
+                                 bsr_to_dense, bsr_transpose_index, check_block_size, dense_to_bsr)
 
 _INDEX_BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices", "block_perm")
 
@@ -28,6 +28,25 @@ def _layout_from_mask(mask: torch.Tensor):
     col = mask.nonzero()[:, 1].to(torch.int32).contiguous()
     ccol, row, perm = bsr_transpose_index(crow, col, nbc)
     return {"crow_indices": crow, "col_indices": col, "ccol_indices": ccol, "row_indices": row, "block_perm": perm}
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity whose backward refuses ``create_graph=True``: the compiled and Triton backward
+    kernels have no autograd of their own, so a double backward through them would silently
+    give zero gradients (gradient penalties, Hessian-vector products)."""
+
+    @staticmethod
+    def forward(ctx, y, backend):
+        ctx.backend = backend
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"ANDCLinear: double backward (create_graph=True) is not supported by "
+                               f"the {ctx.backend!r} backend; set layer.backend = 'torch' for "
+                               f"higher-order gradients")
+        return grad, None
 
 
 class ANDCLinear(nn.Module):
@@ -132,8 +151,17 @@ class ANDCLinear(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"ANDCLinear expects x of shape (..., {self.in_features}), got "
                              f"{tuple(getattr(x, 'shape', ()))}")
-        return bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
-                          backend=self._backend, transposed_index=self.transposed_index())
+        y = bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
+                       backend=self._backend, transposed_index=self.transposed_index())
+        return self._first_order_only(y, x)
+
+    def _first_order_only(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y``, refusing a later double backward on backends without second-order autograd."""
+        if y.requires_grad:
+            backend = _resolve_backend(self._backend, x.device)
+            if backend != "torch":
+                y = _FirstOrderOnly.apply(y, backend)
+        return y
 
     def forward_epilogue(self, x: torch.Tensor, activation: str = "none",
                          residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,9 +170,10 @@ class ANDCLinear(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"ANDCLinear expects x of shape (..., {self.in_features}), got "
                              f"{tuple(getattr(x, 'shape', ()))}")
-        return bsr_linear_epilogue(x, self.values, self.crow_indices, self.col_indices, self.bias,
-                                   self.out_features, activation=activation, residual=residual,
-                                   backend=self._backend, transposed_index=self.transposed_index())
+        y = bsr_linear_epilogue(x, self.values, self.crow_indices, self.col_indices, self.bias,
+                                self.out_features, activation=activation, residual=residual,
+                                backend=self._backend, transposed_index=self.transposed_index())
+        return self._first_order_only(y, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
@@ -154,35 +183,50 @@ class ANDCLinear(nn.Module):
     # -----------------------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """Accept a state dict saved with another block mask: validate it first (nothing changes
-        on error), then re-derive the index buffers from its mask and resize ``values``."""
+        """Accept a state dict saved with another block mask. The whole state of this module is
+        validated first and nothing changes on any error: the mask (its own, or this module's
+        when the state has none) must fit the layer, ``values`` must hold exactly the blocks it
+        keeps, ``bias`` must fit, and every index buffer given must equal the layout derived from
+        the mask (index buffers are never trusted on their own). Then the index buffers are
+        re-derived from the mask and ``values`` is resized."""
         key = prefix + "mask"
-        if key in state_dict:
-            mask = state_dict[key]
-            try:
-                _check_mask(mask, self.out_features, self.in_features, self.block_size)
-            except (TypeError, ValueError) as e:
-                error_msgs.append(f"{key}: {e}")
-                return
-            nnz = int(mask.sum())
-            B = self.block_size
-            vkey = prefix + "values"
-            if vkey in state_dict and tuple(state_dict[vkey].shape) != (nnz, B, B):
-                error_msgs.append(f"{vkey}: shape {tuple(state_dict[vkey].shape)} does not match the "
-                                  f"{nnz} blocks its mask keeps (expected {(nnz, B, B)})")
-                return
-            layout = _layout_from_mask(mask.to(device=self.mask.device, dtype=torch.bool))
+        B = self.block_size
+        errors = []
+        mask = state_dict.get(key, self.mask)
+        try:
+            _check_mask(mask, self.out_features, self.in_features, B)
+        except (TypeError, ValueError) as e:
+            error_msgs.append(f"{key}: {e}")
+            return
+        mask = mask.to(device=self.mask.device, dtype=torch.bool)
+        nnz = int(mask.sum())
+        vkey = prefix + "values"
+        v = state_dict.get(vkey)
+        if v is not None and (not isinstance(v, torch.Tensor) or tuple(v.shape) != (nnz, B, B)):
+            errors.append(f"{vkey}: shape {tuple(getattr(v, 'shape', ()))} does not match the {nnz} "
+                          f"blocks its mask keeps (expected {(nnz, B, B)})")
+        bkey = prefix + "bias"
+        b = state_dict.get(bkey)
+        if b is not None and self.bias is not None and (
+                not isinstance(b, torch.Tensor) or tuple(b.shape) != (self.out_features,)):
+            errors.append(f"{bkey}: shape {tuple(getattr(b, 'shape', ()))}, expected ({self.out_features},)")
+        layout = _layout_from_mask(mask)
+        for name, t in layout.items():
+            k = prefix + name
+            if k in state_dict:
+                given = state_dict[k]
+                if (not isinstance(given, torch.Tensor) or given.shape != t.shape
+                        or not torch.equal(given.to(device=t.device, dtype=t.dtype), t)):
+                    errors.append(f"{k}: does not match the layout of {key} (corrupt state dict?)")
+        if errors:
+            error_msgs.extend(errors)
+            return
+        if not torch.equal(mask, self.mask):
+            self.mask = mask.clone()
             for name, t in layout.items():
-                k = prefix + name
-                if k in state_dict and not torch.equal(state_dict[k].to(device=t.device), t):
-                    error_msgs.append(f"{k}: does not match the layout of {key} (corrupt state dict?)")
-                    return
-            if not torch.equal(mask.to(device=self.mask.device, dtype=torch.bool), self.mask):
-                self.mask = mask.to(device=self.mask.device, dtype=torch.bool).clone()
-                for name, t in layout.items():
-                    setattr(self, name, t)
-                if nnz != self.values.shape[0]:
-                    self.values = nn.Parameter(self.values.detach().new_zeros(nnz, B, B),
-                                               requires_grad=self.values.requires_grad)
+                setattr(self, name, t)
+            if nnz != self.values.shape[0]:
+                self.values = nn.Parameter(self.values.detach().new_zeros(nnz, B, B),
+                                           requires_grad=self.values.requires_grad)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

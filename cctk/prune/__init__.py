@@ -4,7 +4,7 @@ fixed masks, conversion to ``cctk.nn.ANDCLinear`` and pruned checkpoints.
 
 Typical use::
 
-    from cctk.prune import RecognizedSets, prune_andc, prune_magnitude, finetune, convert_to_andc
+    from cctk.prune import RecognizedSets, prune_andc, finetune, convert_to_andc, save_pruned
     sets = RecognizedSets.from_snp("runs/snp")              # cctk.snp.load_recognized
     pruned, plan = prune_andc(model, sets, block_size=16, density=0.5)
     finetune(pruned, train_loader, epochs=2, lr=1e-4)
@@ -19,7 +19,7 @@ Command line::
     cctk prune ... --method magnitude --out runs/digits_mag     # same per-layer densities
     cctk eval  --checkpoint runs/digits_andc/checkpoint.pt
 
-The whole story in one call: ``cctk.prune.pipeline.run_pipeline(out_dir, dataset=...)``.
+The whole story in one call: ``cctk.experiments.run_pipeline(out_dir, dataset=...)``.
 
 Paper scale on a GPU (CIFAR-100, CCT-7/3x1; Flowers-102 with ``--preset flowers102``)::
 
@@ -29,53 +29,23 @@ Paper scale on a GPU (CIFAR-100, CCT-7/3x1; Flowers-102 with ``--preset flowers1
       cctk prune --checkpoint runs/c100/checkpoint.pt --snp runs/c100_snp --method $m \
                  --density 0.25 --block-size 32 --finetune-epochs 10 --lr 1e-4 --out runs/c100_$m
     done
-    # or: python -c "from cctk.prune.pipeline import run_pipeline; run_pipeline('runs/c100_demo',
+    # or: python -c "from cctk.experiments import run_pipeline; run_pipeline('runs/c100_demo',
     #      dataset='cifar100', data_dir='~/data', device='cuda', block_size=32, density=0.25,
     #      finetune_epochs=10, lr=1e-4)"
 """
-from cctk.prune.andc import (
-    Permutations,
-    PrunePlan,
-    RecognizedSets,
-    apply_masks,
-    apply_permutations,
-    choose_permutations,
-    encoder_linear_names,
-    layer_label_sets,
-    prune_andc,
-    prune_magnitude,
-)
-from cctk.prune.convert import (
-    PRUNED_FORMAT,
-    build_pruned_model,
-    convert_to_andc,
-    density_summary,
-    is_pruned_checkpoint,
-    layer_densities,
-    load_pruned,
-    save_pruned,
-    to_masked_dense,
-)
-from cctk.prune.finetune import finetune, images_per_second
-from cctk.prune.masks import (
-    andc_block_mask,
-    block_reduce,
-    classifier_keep,
-    connection_keep,
-    expand_block_mask,
-    magnitude_block_mask,
-    magnitude_element_mask,
-    overlap_scores,
-)
-from cctk.prune.modules import MaskedLinear
-from cctk.prune.permute import label_order, permute_ff, permute_head_dims, permute_stream
 
+from cctk.prune.andc import (PrunePlan, RecognizedSets, apply_masks, encoder_linear_names, prune_andc,
+                             prune_magnitude)
+from cctk.prune.convert import (convert_to_andc, density_summary, layer_densities, load_pruned,
+                                save_pruned, to_masked_dense)
+from cctk.prune.finetune import finetune, images_per_second
+from cctk.prune.workflow import prune_and_finetune, prune_model
+
+# The names a user calls; the building blocks (masks, permutations, label sets per layer) stay
+# in their modules (cctk.prune.masks, cctk.prune.permute, cctk.prune.andc).
 __all__ = [
-    "Permutations", "PrunePlan", "RecognizedSets", "apply_masks", "apply_permutations",
-    "choose_permutations", "encoder_linear_names", "layer_label_sets", "prune_andc",
-    "prune_magnitude", "PRUNED_FORMAT", "build_pruned_model", "convert_to_andc", "density_summary",
-    "is_pruned_checkpoint", "layer_densities", "load_pruned", "save_pruned", "to_masked_dense",
-    "andc_block_mask", "block_reduce", "classifier_keep", "connection_keep", "expand_block_mask",
-    "magnitude_block_mask", "magnitude_element_mask", "overlap_scores", "MaskedLinear",
-    "label_order", "finetune", "images_per_second", "permute_ff", "permute_head_dims", "permute_stream",
+    "RecognizedSets", "PrunePlan", "prune_andc", "prune_magnitude", "prune_model",
+    "prune_and_finetune", "apply_masks", "encoder_linear_names", "finetune", "convert_to_andc",
+    "to_masked_dense", "density_summary", "layer_densities", "save_pruned", "load_pruned",
+    "images_per_second",
 ]

@@ -34,6 +34,9 @@ from typing import Dict, List, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
+from cctk.checkpoint import replace_submodule as _set_submodule
+from cctk.nn import MaskedLinear
+from cctk.snp import analyze_group, load_recognized
 from cctk.prune.masks import (
     andc_block_mask,
     block_reduce,
@@ -101,8 +104,6 @@ class RecognizedSets:
         ``final_recognized``; optionally ``tokens_recognized``.
         """
         if isinstance(source, (str, Path)):
-            from cctk.snp import load_recognized
-
             source = load_recognized(source)
         elif not isinstance(source, Mapping) and hasattr(source, "recognized"):  # a cctk.snp.SNPResult
             rec = source.recognized
@@ -362,18 +363,9 @@ def prune_magnitude(model: nn.Module, block_size: int = 32, density: Optional[De
     return pruned, plan
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-    if name == "classifier.fc" and "fc" in model._modules:  # a registered alias of classifier.fc
-        model._modules["fc"] = module
-
-
 def apply_masks(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Install the plan's masks in place: every masked encoder linear becomes a MaskedLinear with
     its block mask, the classifier a MaskedLinear with its element mask."""
-    from cctk.prune.modules import MaskedLinear
 
     for name, bm in plan.block_masks.items():
         lin = model.get_submodule(name)
@@ -408,8 +400,6 @@ def final_stream_sets(model: nn.Module, means: torch.Tensor, threshold: float) -
     the readout: f_{n,c}(x) = fc.W[c, n] p_n(x), M_n[k, c] = fc.W[c, n] Zbar[k, n], analysed by
     ``cctk.snp.analyze_group`` (normalise by the max, threshold, diagonal), exactly as the SNP
     pass does for its ``final_recognized`` (which uses the SNP threshold)."""
-    from cctk.snp import analyze_group
-
     fc = model.get_submodule("classifier.fc")
     W = (fc.masked_weight() if hasattr(fc, "masked_weight") else fc.weight).detach().float().cpu()
     analysis = analyze_group(W, means.float().cpu(), threshold)

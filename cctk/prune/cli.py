@@ -6,7 +6,10 @@ masks fixed, conversion of every encoder linear to ANDCLinear.
                [--order auto|dominant|lexicographic|identity] [--classifier-threshold TH]
                [--data-dir D] [--device DEV]
 
-ANDC needs the `cctk snp` output directory of the same checkpoint (recognised label sets).
+ANDC needs the `cctk snp` output directory of the same checkpoint (recognised label sets); an
+SNP directory of another checkpoint or model is refused (snp.json records the checkpoint's
+sha256 and model config). The data are the run's own splits (``cctk.data.from_record``): the
+training split for fine-tuning, the split the run evaluated on for the accuracies.
 Magnitude with --snp keeps, per layer, as many blocks as ANDC would (same per-layer densities,
 same classifier density); without --snp it uses --density everywhere and leaves the classifier
 dense. Writes DIR/checkpoint.pt (a pruned cctk checkpoint: `cctk eval` and
@@ -19,6 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import zipfile
+
+import torch
+
+from cctk import data
+from cctk.checkpoint import (atomic_write_files, checkpoint_provenance, is_pruned_checkpoint,
+                             load_checkpoint, output_dir)
+from cctk.errors import ConfigError
+from cctk.prune.andc import RecognizedSets, final_stream_means, final_stream_sets
+from cctk.prune.convert import pruned_checkpoint
+from cctk.prune.workflow import data_loaders, prune_and_finetune
+from cctk.train import evaluate, resolve_device
 
 HELP = "ANDC / block-magnitude pruning of a checkpoint, fine-tuning, ANDCLinear conversion"
 
@@ -52,14 +67,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def check_snp_provenance(snp_dir: str, checkpoint: str, ckpt: dict) -> None:
+    """Refuse an SNP directory computed from another checkpoint or model: its ``snp.json``
+    records the checkpoint's sha256 and model config (``cctk snp`` writes them)."""
+    try:
+        with open(os.path.join(snp_dir, "snp.json")) as f:
+            summary = json.load(f)
+        recorded = summary["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--snp {snp_dir}: cannot read its snp.json ({exc}); rerun `cctk snp "
+                          f"--checkpoint {checkpoint} --out {snp_dir}`") from None
+    mine = checkpoint_provenance(checkpoint, ckpt)
+    if recorded.get("checkpoint_sha256") is None:
+        raise ConfigError(f"--snp {snp_dir} records no checkpoint digest (written by an older "
+                          f"cctk); rerun `cctk snp --checkpoint {checkpoint} --out {snp_dir}`")
+    if recorded.get("model_config") != mine["model_config"]:
+        raise ConfigError(f"--snp {snp_dir} was computed for another model "
+                          f"({(recorded.get('model_config') or {}).get('name')!r}, not "
+                          f"{mine['model_config'].get('name')!r}); rerun `cctk snp` on {checkpoint}")
+    if recorded["checkpoint_sha256"] != mine["checkpoint_sha256"]:
+        raise ConfigError(f"--snp {snp_dir} was computed from another checkpoint "
+                          f"({recorded.get('checkpoint')}), not {checkpoint}; rerun `cctk snp "
+                          f"--checkpoint {checkpoint} --out DIR`")
 
-    from cctk.prune.andc import RecognizedSets
-    from cctk.prune.convert import save_pruned
-    from cctk.prune.workflow import data_loaders, prune_and_finetune
-    from cctk.train import ConfigError, evaluate, load_checkpoint
 
+def _check_args(args: argparse.Namespace) -> None:
     if args.method == "andc" and args.snp is None:
         raise ConfigError("--method andc needs --snp DIR (run `cctk snp --checkpoint CKPT --out DIR` first)")
     if not 0 < args.density <= 1:
@@ -68,51 +100,80 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tau must be in [0, 1], got {args.tau}")
     if args.min_overlap < 1:
         raise ConfigError(f"--min-overlap must be >= 1, got {args.min_overlap}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    if not args.lr > 0:
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.subset is not None and args.subset < 1:
+        raise ConfigError(f"--subset must be >= 1, got {args.subset}")
+    if args.classifier_threshold is not None:
+        if args.snp is None:
+            raise ConfigError("--classifier-threshold needs --snp")
+        if not 0 <= args.classifier_threshold < 1:
+            raise ConfigError(f"--classifier-threshold must lie in [0, 1), got {args.classifier_threshold}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out} is a file, not a directory; choose a directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    device = resolve_device(args.device)
     model, ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
+    if is_pruned_checkpoint(ckpt):
+        raise ConfigError(f"{args.checkpoint} is already pruned; prune the dense checkpoint.pt "
+                          f"of `cctk train` (use --density to choose how much to keep)")
     sets = None
     if args.snp is not None:
         if not os.path.isfile(os.path.join(args.snp, "nodes.npz")):
             raise ConfigError(f"{args.snp} holds no nodes.npz: run `cctk snp --checkpoint {args.checkpoint} --out {args.snp}`")
+        check_snp_provenance(args.snp, args.checkpoint, ckpt)
         try:
             sets = RecognizedSets.from_snp(args.snp, num_blocks=model.num_blocks)
-        except ValueError as exc:
-            raise ConfigError(f"--snp {args.snp}: {exc}") from exc
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise ConfigError(f"--snp {args.snp}: its nodes.npz is damaged or incomplete ({exc}); "
+                              f"rerun `cctk snp --checkpoint {args.checkpoint} --out {args.snp}`") from None
     try:
         train_loader, test_loader, num_classes = data_loaders(
-            ckpt.get("dataset", {}), args.data_dir, batch_size=args.batch_size,
+            ckpt.get("dataset"), args.data_dir, batch_size=args.batch_size,
             train_subset=args.subset, test_subset=args.subset)
-    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except data.DataError as exc:
         raise ConfigError(f"dataset of {args.checkpoint}: {exc}") from exc
+    if num_classes != model.num_classes:
+        raise ConfigError(f"the checkpoint's model predicts {model.num_classes} classes, its dataset "
+                          f"now has {num_classes}")
     if sets is not None and sets.num_labels != num_classes:
         raise ConfigError(f"the SNP sets have {sets.num_labels} labels, the dataset {num_classes}")
-    classifier_sets = None
-    if args.classifier_threshold is not None:
-        if sets is None:
-            raise ConfigError("--classifier-threshold needs --snp")
-        if not 0 <= args.classifier_threshold < 1:
-            raise ConfigError(f"--classifier-threshold must lie in [0, 1), got {args.classifier_threshold}")
-        from cctk.prune.andc import final_stream_means, final_stream_sets
-
-        means = final_stream_means(model, train_loader, num_classes, device)
-        classifier_sets = final_stream_sets(model, means, args.classifier_threshold)
-    dense_acc = evaluate(model.to(device), test_loader, device)["accuracy"]
-    print(f"dense model: accuracy {dense_acc:.4f}")
-    pruned, plan, record = prune_and_finetune(
-        model, args.method, sets, train_loader, test_loader, block_size=args.block_size,
-        density=args.density, tau=args.tau, min_overlap=args.min_overlap, order=args.order,
-        finetune_epochs=args.finetune_epochs, lr=args.lr, device=device, log=print,
-        classifier=not args.no_classifier, classifier_sets=classifier_sets, sparse_finetune=args.sparse_finetune)
-    record["dense_accuracy"] = dense_acc
-    record["classifier_threshold"] = args.classifier_threshold
-    record["checkpoint"] = os.path.abspath(os.path.join(args.out, "checkpoint.pt"))
-    record["source_checkpoint"] = os.path.abspath(args.checkpoint)
-    record["snp"] = os.path.abspath(args.snp) if args.snp else None
-    os.makedirs(args.out, exist_ok=True)
-    save_pruned(pruned.cpu(), plan, record["checkpoint"], source_checkpoint=ckpt,
-                metrics={"test_accuracy": record["accuracy"], "dense_accuracy": dense_acc})
-    with open(os.path.join(args.out, "prune.json"), "w") as f:
-        json.dump(record, f, indent=1)
+    with output_dir(args.out):
+        classifier_sets = None
+        if args.classifier_threshold is not None:
+            means = final_stream_means(model, train_loader, num_classes, device)
+            classifier_sets = final_stream_sets(model, means, args.classifier_threshold)
+        dense_acc = evaluate(model.to(device), test_loader, device)["accuracy"]
+        print(f"dense model: accuracy {dense_acc:.4f}")
+        pruned, plan, record = prune_and_finetune(
+            model, args.method, sets, train_loader, test_loader, block_size=args.block_size,
+            density=args.density, tau=args.tau, min_overlap=args.min_overlap, order=args.order,
+            finetune_epochs=args.finetune_epochs, lr=args.lr, device=device, log=print,
+            classifier=not args.no_classifier, classifier_sets=classifier_sets,
+            sparse_finetune=args.sparse_finetune)
+        record["dense_accuracy"] = dense_acc
+        record["classifier_threshold"] = args.classifier_threshold
+        ckpt_path = os.path.join(args.out, "checkpoint.pt")
+        record["checkpoint"] = os.path.abspath(ckpt_path)
+        record["source_checkpoint"] = os.path.abspath(args.checkpoint)
+        record["snp"] = os.path.abspath(args.snp) if args.snp else None
+        record["data"] = {"train_samples": len(train_loader.dataset), "eval_samples": len(test_loader.dataset),
+                          "eval_split": ckpt["dataset"].get("eval_split"),
+                          "dataset_options": ckpt["dataset"].get("dataset_options")}
+        pruned_ckpt = pruned_checkpoint(pruned.cpu(), plan, source_checkpoint=ckpt,
+                                        metrics={"test_accuracy": record["accuracy"],
+                                                 "dense_accuracy": dense_acc})
+        text = json.dumps(record, indent=1)
+        # the pair is replaced together: both new files are complete before either is renamed
+        atomic_write_files({ckpt_path: ("wb", lambda f: torch.save(pruned_ckpt, f)),
+                            os.path.join(args.out, "prune.json"): ("w", lambda f: f.write(text))})
     print(f"linear density {record['linear_density']:.3f}, classifier density {record['classifier_density']:.3f}; "
           f"accuracy dense {dense_acc:.4f} -> pruned {record['accuracy_before_finetune']:.4f} -> "
           f"fine-tuned {record['accuracy']:.4f}")

@@ -3,9 +3,10 @@
 A pruned checkpoint is a cctk checkpoint (format ``cctk-checkpoint``, loadable with
 ``torch.load(weights_only=True)``) with a ``pruning`` entry. It holds no dense weights of pruned layers: the state dict of the model with
 its ANDCLinear (kept blocks only) and MaskedLinear (classifier) modules, the block masks, the
-block size and the (already permuted) model config. Loading rebuilds the dense architecture
-with ``cctk.models.create_model(**config)``, swaps in empty ANDCLinear / MaskedLinear modules of
-the recorded masks, then ``load_state_dict(strict=True)``.
+block size and the (already permuted) model config. Loading is
+:func:`cctk.checkpoint.load_checkpoint` (one rebuild for dense and pruned models): it builds the
+dense architecture from the config, swaps in empty ANDCLinear / MaskedLinear modules of the
+recorded masks, then ``load_state_dict(strict=True)``.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from typing import Dict, Optional, Union
 import torch
 import torch.nn as nn
 
-from cctk.prune.andc import PrunePlan, _set_submodule, encoder_linear_names
-from cctk.prune.masks import expand_block_mask
-from cctk.prune.modules import MaskedLinear
-from cctk.train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save
+from cctk.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, PRUNED_FORMAT, CheckpointError,
+                             atomic_save, is_pruned_checkpoint, load_checkpoint)
+from cctk.checkpoint import replace_submodule as _set_submodule
+from cctk.nn import ANDCLinear, MaskedLinear, expand_block_mask
+from cctk.prune.andc import PrunePlan, encoder_linear_names
 
 __all__ = [
     "PRUNED_FORMAT",
@@ -26,26 +28,13 @@ __all__ = [
     "to_masked_dense",
     "layer_densities",
     "density_summary",
+    "pruned_checkpoint",
     "save_pruned",
     "load_pruned",
     "is_pruned_checkpoint",
-    "rebuild_model",
 ]
 
-PRUNED_FORMAT = "cctk-pruned-v1"
-
-
-def _andc_cls():
-    from cctk.nn import ANDCLinear
-
-    return ANDCLinear
-
-
 def _is_andc(module: nn.Module) -> bool:
-    try:
-        ANDCLinear = _andc_cls()
-    except ImportError:  # no ANDCLinear in this build: nothing can be one
-        return False
     return isinstance(module, ANDCLinear)
 
 
@@ -59,7 +48,6 @@ def convert_to_andc(model: nn.Module, backend: Optional[str] = None) -> nn.Modul
     """Replace (in place) every block-masked MaskedLinear of the encoder by
     ``cctk.nn.ANDCLinear.from_dense(W * mask, block_mask, block_size)``: same outputs, only the
     kept blocks stored. The classifier (element mask) stays a MaskedLinear."""
-    ANDCLinear = _andc_cls()
     for name in encoder_linear_names(model):
         m = model.get_submodule(name)
         if isinstance(m, MaskedLinear) and m.block_mask is not None:
@@ -128,18 +116,10 @@ def density_summary(model: nn.Module) -> dict:
     return {"layers": layers, "linear_density": kept / total, "classifier_density": ck / cn}
 
 
-def rebuild_model(config: dict) -> nn.Module:
-    """A fresh dense model from ``model.config`` (``cctk.models.CCT.from_config``)."""
-    from cctk.models import CCT
-
-    return CCT.from_config(dict(config))
-
-
-def save_pruned(model: nn.Module, plan: PrunePlan, path: Union[str, Path], source_checkpoint: Optional[dict] = None,
-                metrics: Optional[dict] = None) -> Path:
-    """Write a pruned checkpoint (no dense weights of pruned layers). ``source_checkpoint`` (the
-    dense training checkpoint dict) contributes its dataset and other metadata fields."""
-    path = Path(path)
+def pruned_checkpoint(model: nn.Module, plan: PrunePlan, source_checkpoint: Optional[dict] = None,
+                      metrics: Optional[dict] = None) -> dict:
+    """The pruned checkpoint dict (no dense weights of pruned layers). ``source_checkpoint``
+    (the dense training checkpoint dict) contributes its dataset and other metadata fields."""
     modules = {}
     for name in plan.block_masks:
         m = model.get_submodule(name)
@@ -155,63 +135,31 @@ def save_pruned(model: nn.Module, plan: PrunePlan, path: Union[str, Path], sourc
             if k in ("state_dict", "model", "optimizer", "scheduler", "rng", "ema", "model_state"):
                 continue
             ckpt[k] = v
-    config = dict(model.config)
     pruning = plan.to_dict()
     pruning["modules"] = modules
     pruning["format"] = PRUNED_FORMAT
     ckpt.update({
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "model_config": config,
+        "model_config": dict(model.config),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "pruning": pruning,
         "metrics": metrics or {},
     })
-    atomic_save(ckpt, str(path))
+    return ckpt
+
+
+def save_pruned(model: nn.Module, plan: PrunePlan, path: Union[str, Path], source_checkpoint: Optional[dict] = None,
+                metrics: Optional[dict] = None) -> Path:
+    """Write :func:`pruned_checkpoint` to ``path`` atomically."""
+    path = Path(path)
+    atomic_save(pruned_checkpoint(model, plan, source_checkpoint, metrics), str(path))
     return path
-
-
-def is_pruned_checkpoint(ckpt: dict) -> bool:
-    return isinstance(ckpt, dict) and isinstance(ckpt.get("pruning"), dict)
-
-
-def build_pruned_model(ckpt: dict) -> nn.Module:
-    """The model of a pruned checkpoint dict, weights loaded (strict)."""
-    if not is_pruned_checkpoint(ckpt):
-        raise ValueError("not a pruned cctk checkpoint (no 'pruning' entry); load it with cctk.train.load_checkpoint")
-    pruning = ckpt["pruning"]
-    model = rebuild_model(ckpt["model_config"])
-    B = int(pruning["block_size"])
-    modules = pruning.get("modules", {})
-    for name, bm in pruning["block_masks"].items():
-        lin = model.get_submodule(name)
-        kind = modules.get(name, "andc")
-        if kind == "andc":
-            ANDCLinear = _andc_cls()
-            new = ANDCLinear(lin.in_features, lin.out_features, B, bm.bool(), bias=lin.bias is not None)
-        else:
-            new = MaskedLinear(lin.in_features, lin.out_features, expand_block_mask(bm.bool(), B, lin.weight.shape),
-                               bias=lin.bias is not None, block_mask=bm.bool(), block_size=B)
-        _set_submodule(model, name, new)
-    cm = pruning.get("classifier_mask")
-    if cm is not None:
-        fc = model.get_submodule("classifier.fc")
-        _set_submodule(model, "classifier.fc", MaskedLinear(fc.in_features, fc.out_features, cm.bool(),
-                                                            bias=fc.bias is not None))
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
-    # buffers that a rebuilt model recomputes (e.g. a non-persistent sine embedding) are fine to
-    # be absent; anything else is an error
-    if unexpected or missing:
-        raise RuntimeError(f"pruned checkpoint does not match the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.eval()
-    return model
 
 
 def load_pruned(path: Union[str, Path], map_location="cpu"):
     """Load a pruned checkpoint written by :func:`save_pruned` -> (model, checkpoint dict)."""
-    from cctk.train import load_checkpoint
-
     model, ckpt = load_checkpoint(str(path), map_location)
     if not is_pruned_checkpoint(ckpt):
-        raise ValueError(f"{path} is a dense checkpoint, not a pruned one (no 'pruning' entry)")
+        raise CheckpointError(f"{path} is a dense checkpoint, not a pruned one (no 'pruning' entry)")
     return model, ckpt

@@ -14,6 +14,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from cctk.data import set_loader_epoch
+from cctk.train import build_optimizer, build_scheduler, evaluate, make_grad_scaler, train_one_epoch
+
 __all__ = ["finetune", "images_per_second"]
 
 
@@ -24,8 +27,6 @@ def finetune(model: nn.Module, train_loader, epochs: int = 2, lr: float = 1e-4, 
     """Fine-tune ``model`` in place for ``epochs`` epochs (AdamW, cosine from ``lr`` to
     ``min_lr`` = lr/10 by default). Returns one record per epoch (train loss, and test accuracy
     when ``eval_loader`` is given)."""
-    from cctk.train import build_optimizer, build_scheduler, evaluate, make_grad_scaler, train_one_epoch
-
     history: List[Dict[str, float]] = []
     if epochs <= 0:
         return history
@@ -38,12 +39,8 @@ def finetune(model: nn.Module, train_loader, epochs: int = 2, lr: float = 1e-4, 
                                 min_lr=lr * 0.1 if min_lr is None else min_lr)
     scaler = make_grad_scaler(False)
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    try:
-        from cctk.data import set_loader_epoch
-    except ImportError:  # pragma: no cover
-        set_loader_epoch = None
     for epoch in range(epochs):
-        if set_loader_epoch is not None and hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
+        if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
             set_loader_epoch(train_loader, epoch)
         r = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion, device,
                             progress=progress, desc=f"fine-tune {epoch + 1}/{epochs}")

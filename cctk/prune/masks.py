@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from cctk.nn.masked_linear import expand_block_mask  # noqa: F401  (re-exported)
+
 __all__ = [
     "overlap_scores",
     "connection_keep",
@@ -91,13 +93,6 @@ def block_reduce(x: torch.Tensor, block_size: int) -> torch.Tensor:
     padded = x.new_zeros((nr * block_size, nc * block_size), dtype=torch.float64)
     padded[:out_f, :in_f] = x.to(torch.float64)
     return padded.view(nr, block_size, nc, block_size).sum(dim=(1, 3))
-
-
-def expand_block_mask(block_mask: torch.Tensor, block_size: int, shape) -> torch.Tensor:
-    """Element mask (out, in) of a block mask: mask[j, i] = block_mask[j // B, i // B]."""
-    out_f, in_f = shape
-    full = block_mask.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
-    return full[:out_f, :in_f].contiguous()
 
 
 def num_blocks_to_keep(density: float, n_blocks: int) -> int:

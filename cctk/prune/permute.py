@@ -14,7 +14,7 @@ Three kinds, each leaves model(x) unchanged (up to float rounding):
   (mean and variance over channels are order-free), the input columns of qkv, linear1,
   attention_pool and fc, the output rows (and bias) of proj and linear2.
 
-Only dense ``nn.Linear`` layers (or :class:`cctk.prune.modules.MaskedLinear`, whose mask moves
+Only dense ``nn.Linear`` layers (or :class:`cctk.nn.MaskedLinear`, whose mask moves
 along) are permuted: permute first, then convert to ANDCLinear.
 
 Choosing permutations: :func:`label_order` sorts nodes so that nodes speaking about the same
@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from cctk.prune.modules import MaskedLinear
+from cctk.nn import MaskedLinear
 
 __all__ = [
     "permute_ff",

@@ -9,9 +9,11 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
+from cctk import data
 from cctk.prune.andc import RecognizedSets, prune_andc, prune_magnitude
 from cctk.prune.convert import convert_to_andc, density_summary
 from cctk.prune.finetune import finetune
+from cctk.train import evaluate
 
 __all__ = ["METHODS", "data_loaders", "prune_model", "prune_and_finetune"]
 
@@ -21,21 +23,13 @@ METHODS = ("andc", "magnitude")
 def data_loaders(dataset: dict, data_dir: Optional[str] = None, batch_size: int = 64,
                  eval_batch_size: int = 256, seed: int = 0, train_subset: Optional[int] = None,
                  test_subset: Optional[int] = None):
-    """(train_loader, test_loader, num_classes) for a checkpoint's ``dataset`` record (name,
-    data_dir, img_size), without augmentation. ``data_dir`` overrides the recorded one."""
-    from cctk import data
-    from cctk.train import subset_dataset
-
-    name = dataset["name"]
-    ddir = data_dir if data_dir is not None else dataset.get("data_dir")
-    img = dataset.get("img_size")
-    train = data.get_dataset(name, "train", data_dir=ddir, img_size=img, augment=False)
-    test = data.get_dataset(name, "test", data_dir=ddir, img_size=img, augment=False)
+    """(train_loader, eval_loader, num_classes) for a checkpoint's ``dataset`` record, without
+    augmentation: the run's training split and the split it evaluated on (test; val for
+    flowers102), with its dataset options (:func:`cctk.data.from_record`). ``data_dir``
+    overrides the recorded one."""
+    train = data.from_record(dataset, "train", data_dir=data_dir, subset=train_subset)
+    test = data.from_record(dataset, "eval", data_dir=data_dir, subset=test_subset)
     num_classes = train.num_classes
-    if train_subset is not None and train_subset < len(train):
-        train = subset_dataset(train, train_subset)
-    if test_subset is not None and test_subset < len(test):
-        test = subset_dataset(test, test_subset)
     return (data.build_loader(train, batch_size, shuffle=True, seed=seed),
             data.build_loader(test, eval_batch_size, shuffle=False, seed=seed), num_classes)
 
@@ -80,8 +74,6 @@ def prune_and_finetune(model: nn.Module, method: str, sets: Optional[RecognizedS
     Returns (pruned model, plan, record) where record holds the densities, accuracies
     (``accuracy_before_finetune``, ``accuracy``), the fine-tune history and timings.
     """
-    from cctk.train import evaluate
-
     say = log or (lambda s: None)
     device = torch.device(device)
     t0 = time.perf_counter()

@@ -11,6 +11,8 @@ import io
 import os
 from typing import Any, Dict, List, Optional
 
+from cctk.checkpoint import atomic_write
+
 __all__ = ["write_report", "render_report"]
 
 
@@ -403,11 +405,7 @@ def render_report(summary: Dict[str, Any], snp_dir: Optional[str] = None) -> str
 def write_report(out_dir: str, summary: Dict[str, Any], snp_dir: Optional[str] = None,
                  filename: str = "report.html") -> str:
     """Write ``out_dir/report.html`` (self-contained) and return its path."""
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, filename)
     text = render_report(summary, snp_dir=snp_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, "wb", lambda f: f.write(text.encode("utf-8")))
     return path

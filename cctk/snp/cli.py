@@ -4,7 +4,8 @@
              [--readout-epochs N] [--split test] [--data-dir D] [--batch-size B]
              [--null-draws 1000] [--backend auto|triton|torch] [--device DEV]
 
-The model and the dataset (name, directory, image size, options) come from the checkpoint. The
+The model and the dataset (name, directory, image size, dataset options: the same splits the
+run trained and tested on) come from the checkpoint (``cctk.data.from_record``). The
 readouts are trained on the training split (no augmentation); the node matrices come from the
 analysed split (``--split``, test by default). Writes DIR/snp.json, DIR/nodes.npz and the PNG
 figures, and prints a short summary.
@@ -13,6 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
+
+from cctk import data
+from cctk.checkpoint import (checkpoint_provenance, is_pruned_checkpoint, load_checkpoint,
+                             output_dir)
+from cctk.errors import ConfigError
+from cctk.snp.pipeline import run_snp, save
+from cctk.train import resolve_device
 
 HELP = "single-nodal performance (SNP) of a checkpoint's nodes and heads"
 
@@ -47,86 +55,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
 
 
-def _config_error():
-    try:
-        from cctk.train import ConfigError
-        return ConfigError
-    except ImportError:                                # pragma: no cover
-        return ValueError
-
-
-def _load(path: str):
-    """(model, ckpt) via cctk.train.load_checkpoint."""
-    from cctk.train import load_checkpoint
-    return load_checkpoint(path, map_location="cpu")
-
-
-_STANDARD = ("info", "split", "data_dir", "img_size", "augment", "download")
-
-
-def _dataset_options(name: str, options: dict) -> dict:
-    """The checkpoint's options that the dataset itself takes (digits ``test_fraction`` /
-    ``seed``, synthetic ``num_samples`` ...); training-only ones (augmentation, mixup) are
-    dropped: the analysis reads the data without augmentation."""
-    import inspect
-
-    from cctk import data
-    loader = getattr(data.dataset_info(name), "loader", None)
-    if loader is None:
-        return {}
-    accepted = set(inspect.signature(loader).parameters) - set(_STANDARD)
-    return {k: v for k, v in options.items() if k in accepted}
-
-
 def _datasets(ckpt: dict, args):
-    from cctk import data
-    ConfigError = _config_error()
-    info = ckpt.get("dataset") or {}
-    name = info.get("name")
-    if not name:
-        raise ConfigError("the checkpoint names no dataset")
-    data_dir = args.data_dir if args.data_dir is not None else info.get("data_dir")
-    options = _dataset_options(name, info.get("options") or {})
-    sets = {}
+    """The run's training split and the analysed split, reopened from the checkpoint's data
+    record (:func:`cctk.data.from_record`: same dataset options, so the same splits)."""
+    record = ckpt.get("dataset")
     try:
-        for split in dict.fromkeys(("train", args.split)):
-            sets[split] = data.get_dataset(name, split, data_dir=data_dir,
-                                           img_size=info.get("img_size"), augment=False,
-                                           **options)
+        sets = {split: data.from_record(record, split, data_dir=args.data_dir, subset=args.subset)
+                for split in dict.fromkeys(("train", args.split))}
     except data.DataError as exc:
-        raise ConfigError(f"dataset {name!r}: {exc}") from exc
-    if args.subset is not None:
-        from torch.utils.data import Subset
-        sets = {k: Subset(v, range(min(args.subset, len(v)))) for k, v in sets.items()}
-    return name, sets
+        raise ConfigError(f"dataset of {args.checkpoint}: {exc}") from exc
+    return record["name"], sets
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from cctk import data
-    from cctk.snp.pipeline import run_snp, save
-    ConfigError = _config_error()
     if not 0 <= args.threshold < 1:
         raise ConfigError(f"--threshold must lie in [0, 1), got {args.threshold}")
     if args.readout_epochs < 0 or args.null_draws < 0 or args.batch_size < 1:
         raise ConfigError("--readout-epochs and --null-draws must be >= 0, --batch-size >= 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, ckpt = _load(args.checkpoint)
+    if args.subset is not None and args.subset < 1:
+        raise ConfigError(f"--subset must be >= 1, got {args.subset}")
+    if not args.cache_limit_gb >= 0:
+        raise ConfigError(f"--cache-limit-gb must be >= 0, got {args.cache_limit_gb}")
+    if args.readout_lr <= 0:
+        raise ConfigError(f"--readout-lr must be > 0, got {args.readout_lr}")
+    device = resolve_device(args.device)
+    if args.backend == "triton" and device.type != "cuda":
+        raise ConfigError(f"--backend triton runs on a CUDA GPU, not on {device}; use --backend "
+                          f"auto or torch")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out} is a file, not a directory; choose a directory")
+    model, ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
+    if is_pruned_checkpoint(ckpt):
+        raise ConfigError(f"{args.checkpoint} is a pruned checkpoint; SNP analyses the dense "
+                          f"model: give the checkpoint.pt of `cctk train`")
     name, sets = _datasets(ckpt, args)
     num_classes = int(model.num_classes)
-    loaders = {k: data.build_loader(v, args.batch_size, shuffle=False) for k, v in sets.items()}
-    result = run_snp(
-        model, loaders["train"], loaders[args.split], num_classes, threshold=args.threshold,
-        readout_mode=args.readout_mode, readout_epochs=args.readout_epochs,
-        readout_optimizer=args.readout_optimizer, readout_lr=args.readout_lr,
-        backend=args.backend, null_draws=args.null_draws, seed=args.seed, device=device,
-        cache_limit_bytes=int(args.cache_limit_gb * (1 << 30)), split=args.split, dataset=name,
-        model_name=model.config.get("name"),
-        extra_config={"checkpoint": os.path.abspath(args.checkpoint),
-                      "dataset_options": (ckpt.get("dataset") or {}).get("options"),
-                      "subset": args.subset, "trained_epochs": ckpt.get("epoch")})
-    paths = save(result, args.out, plots=not args.no_plots)
+    if sets["train"].num_classes != num_classes:
+        raise ConfigError(f"the checkpoint's model predicts {num_classes} classes, its dataset "
+                          f"{name!r} now has {sets['train'].num_classes}")
+    provenance = checkpoint_provenance(args.checkpoint, ckpt)
+    with output_dir(args.out):
+        loaders = {k: data.build_loader(v, args.batch_size, shuffle=False) for k, v in sets.items()}
+        result = run_snp(
+            model, loaders["train"], loaders[args.split], num_classes, threshold=args.threshold,
+            readout_mode=args.readout_mode, readout_epochs=args.readout_epochs,
+            readout_optimizer=args.readout_optimizer, readout_lr=args.readout_lr,
+            backend=args.backend, null_draws=args.null_draws, seed=args.seed, device=device,
+            cache_limit_bytes=int(args.cache_limit_gb * (1 << 30)), split=args.split, dataset=name,
+            model_name=model.config.get("name"),
+            extra_config={**provenance,
+                          "dataset_options": (ckpt.get("dataset") or {}).get("dataset_options"),
+                          "subset": args.subset, "trained_epochs": ckpt.get("epoch")})
+        paths = save(result, args.out, plots=not args.no_plots)
     print(format_summary(result.summary))
     print(f"wrote {', '.join(sorted(os.path.basename(p) for p in paths.values()))} to {args.out}")
     return 0

@@ -37,6 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from cctk.checkpoint import atomic_write_files
 from cctk.snp.clusters import BatchAnalysis
 from cctk.snp.heads import analyze_heads
 from cctk.snp.matrices import analyze_group, node_matrices, set_matrix, summarize
@@ -269,16 +270,12 @@ def _jsonable(obj):
 def save(result: SNPResult, out_dir: str, plots: bool = True) -> dict:
     """Write ``snp.json``, ``nodes.npz`` and (``plots``) the PNG figures into ``out_dir``.
     Returns {name: path} of what was written."""
-    os.makedirs(out_dir, exist_ok=True)
     paths = {"snp.json": os.path.join(out_dir, "snp.json"),
              "nodes.npz": os.path.join(out_dir, "nodes.npz")}
-    tmp = paths["snp.json"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result.summary, f, indent=1, allow_nan=False)
-    os.replace(tmp, paths["snp.json"])
-    tmp = os.path.join(out_dir, "nodes.tmp.npz")
-    np.savez_compressed(tmp, **result.arrays)
-    os.replace(tmp, paths["nodes.npz"])
+    # the pair is replaced together: both new files are complete before either is renamed
+    text = json.dumps(result.summary, indent=1, allow_nan=False)
+    atomic_write_files({paths["snp.json"]: ("w", lambda f: f.write(text)),
+                        paths["nodes.npz"]: ("wb", lambda f: np.savez_compressed(f, **result.arrays))})
     if plots:
         from cctk.snp.plots import make_plots
         paths.update(make_plots(result, out_dir))

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from cctk.checkpoint import atomic_write
 from cctk.snp.clusters import analyze_matrix
 
 __all__ = ["make_plots"]
@@ -23,6 +24,11 @@ def _pyplot():
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     return plt
+
+
+def _save(fig, path: str) -> None:
+    """A PNG written atomically (mkstemp + rename, like every result file)."""
+    atomic_write(path, "wb", lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def make_plots(result, out_dir: str) -> dict:
@@ -55,7 +61,7 @@ def make_plots(result, out_dir: str) -> dict:
                 ax.tick_params(labelsize=5)
         fig.tight_layout()
         written["node_matrices.png"] = os.path.join(out_dir, "node_matrices.png")
-        fig.savefig(written["node_matrices.png"], dpi=100)
+        _save(fig, written["node_matrices.png"])
         plt.close(fig)
 
     blocks = result.summary["blocks"]
@@ -73,7 +79,7 @@ def make_plots(result, out_dir: str) -> dict:
         ax.legend(fontsize=8)
     fig.tight_layout()
     written["blocks.png"] = os.path.join(out_dir, "blocks.png")
-    fig.savefig(written["blocks.png"], dpi=100)
+    _save(fig, written["blocks.png"])
     plt.close(fig)
 
     for b in range(len(blocks)):
@@ -99,7 +105,7 @@ def make_plots(result, out_dir: str) -> dict:
         fig.tight_layout()
         name = f"heads_block{b}.png"
         written[name] = os.path.join(out_dir, name)
-        fig.savefig(written[name], dpi=100)
+        _save(fig, written[name])
         plt.close(fig)
     return written
 

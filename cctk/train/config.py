@@ -15,16 +15,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from cctk.data import canonical_name
+from cctk.errors import ConfigError
+
 
 def _opt(default, help: str):
     """A dataclass field with its command-line help text (``cctk train --help`` shows it)."""
     return field(default=default, metadata={"help": help})
-
-
-class ConfigError(ValueError):
-    """A user error in the training/evaluation set-up (unknown model or dataset, missing data,
-    an image size the model cannot take, a bad option value). The CLI prints the message and
-    exits with status 2, without a traceback."""
 
 
 @dataclass
@@ -95,6 +92,7 @@ class TrainConfig:
     progress: Optional[bool] = _opt(None, "tqdm progress bars; default: on when stderr is a terminal (rank 0)")
     verbose: bool = _opt(True, "print one line per epoch (rank 0)")
     resume: Optional[str] = _opt(None, "checkpoint to continue from ('auto': <out>/checkpoint.pt)")
+    overwrite: bool = _opt(False, "start a new run in an --out directory that holds one (its files are replaced); without it such a directory is refused unless --resume")
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`ConfigError` for values that cannot work."""
@@ -236,8 +234,6 @@ def preset_for_dataset(dataset: str) -> Optional[str]:
     """The preset whose dataset is ``dataset`` (used for CLI defaults), or None. Spelling
     variants cctk.data accepts ("CIFAR-100", "fmnist") find the same preset."""
     try:
-        from cctk.data import canonical_name
-
         dataset = canonical_name(dataset)
     except Exception:  # unknown name: no preset; the run itself reports the bad name
         pass

@@ -8,6 +8,8 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
+from cctk.train.config import ConfigError
+
 
 @dataclass
 class DistContext:
@@ -57,6 +59,24 @@ class DistContext:
             self.owns_group = False
 
 
+def resolve_device(text: Optional[str] = None) -> torch.device:
+    """``--device``: None is cuda when available, else cpu; a name that is not a device, or a
+    device this machine does not have, is a :class:`ConfigError`."""
+    try:
+        device = torch.device(text or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--device {text!r} is not a device ({exc}); give cpu, cuda or "
+                          f"cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {text} needs a CUDA GPU and none is available; use "
+                          f"--device cpu")
+    if (device.type == "cuda" and device.index is not None
+            and device.index >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s)")
+    return device
+
+
 def setup_distributed(device: Optional[str] = None) -> DistContext:
     """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (set by torchrun) and join the process group.
 
@@ -68,7 +88,7 @@ def setup_distributed(device: Optional[str] = None) -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is not None:
-        dev = torch.device(device)
+        dev = resolve_device(device)
         if dev.type == "cuda" and dev.index is None and world_size > 1:
             dev = torch.device("cuda", local_rank)
     elif torch.cuda.is_available():

@@ -17,10 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-from cctk.train.checkpoint import (atomic_save, atomic_write_text, checkpoint_dict, epoch_seed,
-                                   read_checkpoint, restore_rng_state, seed_everything, unwrap)
+from cctk import data, models
+from cctk.checkpoint import (atomic_save, atomic_write_text, is_pruned_checkpoint, output_dir,
+                             plain, read_checkpoint)
+from cctk.data import MixupCutmix, set_loader_epoch
 from cctk.train.config import ConfigError, TrainConfig
 from cctk.train.distributed import DistContext, setup_distributed
+from cctk.train.state import (checkpoint_dict, epoch_seed, restore_rng_state, seed_everything,
+                              unwrap)
 from cctk.train.optim import build_optimizer, build_scheduler
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -60,12 +64,7 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
 def make_grad_scaler(enabled: bool):
     """A CUDA GradScaler (fp16 autocast); with ``enabled=False`` its calls are pass-throughs,
     so the loop has one code path for every precision."""
-    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler("cuda", enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3
-
-
-_grad_scaler = make_grad_scaler  # older name, used by cctk.prune
+    return torch.amp.GradScaler("cuda", enabled=enabled)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,21 +166,10 @@ def dataset_options(config: TrainConfig) -> Dict[str, Any]:
             "mixup_off_epoch": config.mixup_off_epoch}
 
 
-def _get_dataset(config: TrainConfig, split: str, augment: bool):
-    from cctk import data
-
-    return data.get_dataset(config.dataset, split, data_dir=config.data_dir,
-                            img_size=config.img_size,
-                            augment=config.augment_spec() if augment else False,
-                            download=config.download, **(config.dataset_options or {}))
-
-
 def prepare(config: TrainConfig, device="cpu") -> Setup:
     """Build the train/test datasets and the model for ``config`` (model seeded with
     ``config.seed``), checking that the model takes the dataset's images. Every user error
     (unknown dataset or model, missing data, bad size) is raised as :class:`ConfigError`."""
-    from cctk import data, models
-
     try:
         info = data.dataset_info(config.dataset)
     except (KeyError, ValueError, data.DataError) as exc:
@@ -190,9 +178,13 @@ def prepare(config: TrainConfig, device="cpu") -> Setup:
     if model_name not in models.list_models():
         raise ConfigError(f"unknown model {model_name!r}; `cctk models` lists the "
                           f"{len(models.list_models())} available names")
+    record = {"name": info.name, "data_dir": config.data_dir, "img_size": config.img_size,
+              "eval_split": info.eval_split,
+              "dataset_options": plain(dict(config.dataset_options or {}))}
     try:
-        train_set = _get_dataset(config, "train", augment=True)
-        test_set = _get_dataset(config, info.eval_split, augment=False)
+        train_set = data.from_record(record, "train", augment=config.augment_spec(),
+                                     download=config.download)
+        test_set = data.from_record(record, "eval", download=config.download)
     except ConfigError:
         raise
     except (data.DataError, KeyError, ValueError, OSError) as exc:
@@ -206,41 +198,16 @@ def prepare(config: TrainConfig, device="cpu") -> Setup:
         raise _user_error(exc, f"model {model_name!r}") from exc
     check_model_input(model, in_channels, img_size)
     if config.train_subset is not None and config.train_subset < len(train_set):
-        train_set = subset_dataset(train_set, config.train_subset)
+        train_set = data.subset_dataset(train_set, config.train_subset)
     if config.test_subset is not None and config.test_subset < len(test_set):
-        test_set = subset_dataset(test_set, config.test_subset)
-    dataset = {"name": info.name, "data_dir": config.data_dir, "img_size": img_size,
-               "eval_split": info.eval_split,
-               "dataset_options": _plain(dict(config.dataset_options or {})),
+        test_set = data.subset_dataset(test_set, config.test_subset)
+    dataset = {**record, "img_size": img_size,
                "in_channels": in_channels, "num_classes": num_classes,
                "train_size": len(train_set), "test_size": len(test_set),
-               "options": _plain(dataset_options(config)),
+               "options": plain(dataset_options(config)),
                "train_subset": config.train_subset, "test_subset": config.test_subset}
     return Setup(model=model, model_name=model_name, train_set=train_set, test_set=test_set,
                  dataset=dataset)
-
-
-def subset_dataset(dataset, n: int):
-    """The first ``n`` samples of ``dataset`` as a Subset that keeps ``num_classes``,
-    ``in_channels``, ``img_size`` and ``targets``."""
-    sub = Subset(dataset, range(n))
-    for attr in ("num_classes", "in_channels", "img_size"):
-        if hasattr(dataset, attr):
-            setattr(sub, attr, getattr(dataset, attr))
-    if hasattr(dataset, "targets"):
-        sub.targets = [int(t) for t in list(dataset.targets)[:n]]
-    return sub
-
-
-_subset = subset_dataset  # older name, used by cctk.prune
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,8 +215,6 @@ def _plain(x):
 
 
 def _build_train_loader(config: TrainConfig, train_set, ctx: DistContext):
-    from cctk import data
-
     shard = len(train_set) // ctx.world_size
     return data.build_loader(train_set, config.batch_size, shuffle=True,
                              num_workers=config.num_workers, distributed=ctx.distributed,
@@ -259,8 +224,6 @@ def _build_train_loader(config: TrainConfig, train_set, ctx: DistContext):
 def _build_eval_loader(config: TrainConfig, test_set, ctx: DistContext):
     """Each rank gets the disjoint shard ``rank::world_size`` (no padding, so the summed counts
     are exact)."""
-    from cctk import data
-
     if ctx.distributed:
         test_set = Subset(test_set, range(ctx.rank, len(test_set), ctx.world_size))
     bs = config.eval_batch_size or 2 * config.batch_size
@@ -273,22 +236,8 @@ def _start_epoch_randomness(loader, config: TrainConfig, epoch: int, rank: int) 
     (seed, epoch, rank) only: the loader's sampler order and worker seeds via
     ``cctk.data.set_loader_epoch``, and the global RNGs (augmentation in the main process,
     Mixup/CutMix, dropout, stochastic depth) reseeded with :func:`epoch_seed`."""
-    from cctk.data import set_loader_epoch
-
     set_loader_epoch(loader, epoch)
     seed_everything(epoch_seed(config.seed, epoch, rank))
-
-
-def _sampler_indices(loader) -> Optional[List[int]]:
-    """This rank's dataset indices for the current epoch, when the sampler can tell."""
-    sampler = getattr(loader, "sampler", None)
-    if sampler is None or not hasattr(sampler, "__iter__"):
-        return None
-    try:
-        idx = list(iter(sampler))
-    except Exception:
-        return None
-    return [int(i) for i in idx] if all(isinstance(i, int) for i in idx[:8]) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,8 +256,6 @@ def _mixer(config: TrainConfig, num_classes: int):
     """A callable ``(x, y) -> (x_mixed, soft_targets)`` from cctk.data, or None when off."""
     if not config.mixing:
         return None
-    from cctk.data import MixupCutmix
-
     # label smoothing is applied by the loss, on the mixed targets (same result as timm's
     # smoothing inside the mix: (1-eps) (lam oh_a + (1-lam) oh_b) + eps/K)
     return MixupCutmix(num_classes=num_classes, mixup_alpha=config.mixup,
@@ -383,23 +330,55 @@ def train(config: TrainConfig,
     try:
         if config.cpu_threads is not None and ctx.device.type == "cpu":
             torch.set_num_threads(config.cpu_threads)
-        return _train(config, ctx, on_epoch_end)
+        with contextlib.ExitStack() as held:
+            return _train(config, ctx, on_epoch_end, held)
     finally:
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
         ctx.close()
 
 
-def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any]:
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, METRICS_LOG_NAME)
+
+
+def _out_problem(config: TrainConfig, resuming: bool) -> Optional[str]:
+    """Why ``--out`` cannot take this run, or None: a file in its place, or (for a new run
+    without --overwrite) the files of another run, which a new run never replaces."""
+    if os.path.exists(config.out) and not os.path.isdir(config.out):
+        return f"--out {config.out} is a file, not a directory; choose a directory"
+    if resuming or config.overwrite:
+        return None
+    found = [n for n in RUN_FILES if os.path.lexists(os.path.join(config.out, n))]
+    if found:
+        return (f"--out {config.out} already holds a run ({', '.join(found)}); continue it with "
+                f"--resume, replace it with --overwrite, or choose another --out")
+    return None
+
+
+def _train(config: TrainConfig, ctx: DistContext, on_epoch_end,
+           held: contextlib.ExitStack) -> Dict[str, Any]:
     t_start = time.perf_counter()
     device = ctx.device
     amp_dtype = resolve_amp(config.amp, device)
     resume_from = _resume_path(config)
-    ckpt = read_checkpoint(resume_from, "cpu") if resume_from else None
+    ckpt = read_resume_checkpoint(resume_from) if resume_from else None
 
+    # rank 0 decides for every rank (the others must not hang waiting for it)
+    problem = _out_problem(config, ckpt is not None) if ctx.is_main else None
+    if ctx.distributed:
+        problem = ctx.all_gather_object(problem)[0]
+    if problem:
+        raise ConfigError(problem)
     setup = prepare(config, device)
     if ckpt is not None:
         _check_resumable(ckpt, setup, resume_from)
+    if ctx.is_main:
+        # one run per directory for the run's whole lifetime (a second one is refused, not
+        # interleaved); checked again under the lock, which also clears killed writes' temp files
+        held.enter_context(output_dir(config.out, "--out"))
+        problem = _out_problem(config, ckpt is not None)
+        if problem:
+            raise ConfigError(problem)
     model = setup.model.to(device)
     if ckpt is not None:
         unwrap(model).load_state_dict(ckpt["state_dict"], strict=True)
@@ -429,8 +408,8 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"])
-        history = list(ckpt["metrics"].get("history", []))
-        wall_before = float(ckpt["metrics"].get("wall_time_s", 0.0))
+        history = list((ckpt.get("metrics") or {}).get("history", []))
+        wall_before = float((ckpt.get("metrics") or {}).get("wall_time_s", 0.0))
         restore_rng_state(ckpt["rng"])
         was = (ckpt.get("sampler") or {}).get("world_size")
         if was is not None and was != ctx.world_size and ctx.is_main:
@@ -441,7 +420,6 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
     out = config.out
     log_path = os.path.join(out, METRICS_LOG_NAME)
     if ctx.is_main:
-        os.makedirs(out, exist_ok=True)
         atomic_write_text("".join(json.dumps(r) + "\n" for r in history), log_path)
     show_progress = (config.progress if config.progress is not None
                      else sys.stderr.isatty()) and ctx.is_main
@@ -456,13 +434,11 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
               f"amp {amp_dtype if amp_dtype is not None else 'off'}", flush=True)
 
     last_eval: Optional[Dict[str, float]] = None
-    shard_info: Dict[str, Any] = {}
     total = config.total_epochs
+    unlogged: List[Dict[str, Any]] = []  # metrics.jsonl never runs ahead of checkpoint.pt
     for epoch in range(start_epoch, total):
         t0 = time.perf_counter()
         _start_epoch_randomness(train_loader, config, epoch, ctx.rank)
-        if ctx.distributed and epoch == start_epoch:
-            shard_info = _shard_report(train_loader, ctx)
         use_mix = mixer is not None and (config.mixup_off_epoch <= 0 or epoch < config.mixup_off_epoch)
         sums = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion, device,
                                amp_dtype=amp_dtype, clip_grad=config.clip_grad,
@@ -485,9 +461,8 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
             record["test_loss"] = last_eval["loss"]
         record["epoch_time_s"] = time.perf_counter() - t0
         history.append(record)
+        unlogged.append(record)
         if ctx.is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
             if config.verbose:
                 print(_epoch_line(record, total), flush=True)
         if (epoch + 1) % config.save_every == 0 or epoch + 1 == total:
@@ -500,6 +475,9 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
                     metrics=metrics_so_far,
                     sampler=_sampler_state(train_loader, config, epoch + 1, ctx)),
                     os.path.join(out, CHECKPOINT_NAME))
+                with open(log_path, "a") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in unlogged))
+            unlogged.clear()
             ctx.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
@@ -515,7 +493,7 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
         "train_accuracy": final_train.get("train_accuracy"),
         "epochs": len(history),
         "model": setup.model_name,
-        "model_config": _plain(dict(getattr(unwrap(model), "config", {}))),
+        "model_config": plain(dict(getattr(unwrap(model), "config", {}))),
         "parameters": n_params,
         "dataset": config.dataset,
         "dataset_info": setup.dataset,
@@ -524,11 +502,10 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end) -> Dict[str, Any
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "off",
         "wall_time_s": wall_before + time.perf_counter() - t_start,
         "resumed_from_epoch": start_epoch if ckpt is not None else None,
-        "config": _plain(config.to_dict()),
+        "config": plain(config.to_dict()),
         "checkpoint": os.path.join(out, CHECKPOINT_NAME),
         "history": history,
     }
-    metrics.update(shard_info)
     if ctx.is_main:
         atomic_write_text(json.dumps(metrics, indent=2) + "\n", os.path.join(out, METRICS_NAME))
         if config.verbose:
@@ -547,19 +524,6 @@ def _sampler_state(loader, config: TrainConfig, next_epoch: int, ctx: DistContex
     return {"seed": config.seed, "epoch": next_epoch, "world_size": ctx.world_size,
             "sampler": type(getattr(loader, "sampler", None)).__name__,
             "generator_state": gen.get_state() if isinstance(gen, torch.Generator) else None}
-
-
-def _shard_report(loader, ctx: DistContext) -> Dict[str, Any]:
-    """How the training set was split over ranks this epoch (from each rank's sampler)."""
-    idx = _sampler_indices(loader)
-    gathered = ctx.all_gather_object(idx)
-    if any(g is None for g in gathered):
-        return {}
-    sets = [set(g) for g in gathered]
-    union = set().union(*sets)
-    overlap = sum(len(a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
-    return {"train_shard_sizes": [len(s) for s in sets], "train_shard_union": len(union),
-            "train_shard_overlap": overlap}
 
 
 def _epoch_line(r: Dict[str, Any], total: int) -> str:
@@ -587,6 +551,22 @@ def _restore_scheduler(scheduler, optimizer, state: Dict[str, Any], config: Trai
     for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
         group["lr"] = base * fresh(step)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def read_resume_checkpoint(path: str) -> Dict[str, Any]:
+    """The checkpoint a run continues from: a complete training checkpoint of ``cctk train``
+    (a pruned one, or one without optimizer state, is refused with a ConfigError)."""
+    ckpt = read_checkpoint(path, "cpu")
+    if is_pruned_checkpoint(ckpt):
+        raise ConfigError(f"cannot resume training from {path}: it is a pruned checkpoint; "
+                          f"fine-tune it with `cctk prune --finetune-epochs N`, or resume the "
+                          f"dense run's checkpoint.pt")
+    missing = [k for k in ("train_config", "optimizer", "scheduler", "rng", "epoch")
+               if ckpt.get(k) is None]
+    if missing or not isinstance(ckpt.get("train_config"), dict):
+        raise ConfigError(f"cannot resume training from {path}: it holds no training state "
+                          f"({', '.join(missing) or 'train_config'} missing); start a new run")
+    return ckpt
 
 
 def _check_resumable(ckpt: Dict[str, Any], setup: Setup, path: str) -> None:

@@ -15,9 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cctk.prune.masks import expand_block_mask
+__all__ = ["MaskedLinear", "expand_block_mask"]
 
-__all__ = ["MaskedLinear"]
+
+def expand_block_mask(block_mask: torch.Tensor, block_size: int, shape) -> torch.Tensor:
+    """Element mask (out, in) of a block mask: mask[j, i] = block_mask[j // B, i // B]."""
+    out_f, in_f = shape
+    full = block_mask.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+    return full[:out_f, :in_f].contiguous()
 
 
 class MaskedLinear(nn.Module):

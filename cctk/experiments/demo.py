@@ -1,7 +1,7 @@
 """``cctk demo``: the main job on the embedded default data set, explained in plain words.
 
 On scikit-learn's bundled 8x8 digits (no download) it runs the whole ANDC story through
-:func:`cctk.prune.pipeline.run_pipeline`: train the dataset's default CCT, measure the
+:func:`cctk.experiments.pipeline.run_pipeline`: train the dataset's default CCT, measure the
 single-nodal performance (SNP) of every node, prune with ANDC and with the block-magnitude
 baseline at the same per-layer densities, fine-tune both, evaluate, time dense vs pruned
 inference, sweep accuracy against density, and write ``summary.json`` and ``report.html``.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
-from cctk.prune.pipeline import DEFAULT_DENSITY, SWEEP_DENSITIES, run_pipeline
+from cctk.experiments.pipeline import DEFAULT_DENSITY, SWEEP_DENSITIES, run_pipeline
 
 DEFAULT_EPOCHS = 30  # the digits preset's
 

@@ -1,0 +1,314 @@
+"""Every later command sees the splits a run trained and tested on (``cctk.data.from_record``),
+and every user error of the ``cctk`` command is one line on stderr with exit status 2: no
+traceback, nothing written, nothing lost (read-only and full file systems included, on small
+tmpfs mounts where this machine lets the test mount one)."""
+import contextlib
+import json
+import os
+import subprocess
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from cctk import cli, data
+from cctk.experiments import train_split_loader
+from cctk.prune.workflow import data_loaders
+
+FAST = ["--no-progress", "--device", "cpu", "--batch-size", "64"]
+SNP_FAST = ["--device", "cpu", "--readout-epochs", "1", "--null-draws", "0", "--no-plots"]
+
+
+def run_ok(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def run_error(argv, capsys):
+    """The command fails as a user error: exit 2, one ``cctk <cmd>: error:`` line, no traceback."""
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (code, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [s for s in err.splitlines() if s.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"cctk {argv[0]}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One digits run with a NON-default split (test_fraction=0.3), its SNP and its ANDC pruning."""
+    root = tmp_path_factory.mktemp("run")
+    r = types.SimpleNamespace(root=root, train=root / "train", snp=root / "snp", pruned=root / "andc")
+    assert cli.main(["train", "--dataset", "digits", "--dataset-options", "test_fraction=0.3",
+                     "--epochs", "1", "--out", str(r.train), "--no-verbose"] + FAST) == 0
+    r.ckpt = r.train / "checkpoint.pt"
+    assert cli.main(["snp", "--checkpoint", str(r.ckpt), "--out", str(r.snp)] + SNP_FAST) == 0
+    assert cli.main(["prune", "--checkpoint", str(r.ckpt), "--snp", str(r.snp), "--density", "0.5",
+                     "--block-size", "16", "--finetune-epochs", "0", "--device", "cpu",
+                     "--out", str(r.pruned)]) == 0
+    r.pruned_ckpt = r.pruned / "checkpoint.pt"
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# the split test
+
+
+def test_every_command_sees_the_runs_splits(run, capsys):
+    capsys.readouterr()
+    train_set = data.get_dataset("digits", "train", test_fraction=0.3)
+    test_set = data.get_dataset("digits", "test", test_fraction=0.3)
+    default_test = data.get_dataset("digits", "test")
+    assert len(test_set) != len(default_test)          # the option matters
+    m = json.loads((run.train / "metrics.json").read_text())
+    assert (m["dataset_info"]["train_size"], m["dataset_info"]["test_size"]) == (len(train_set), len(test_set))
+    # eval
+    out = run_ok(["eval", "--checkpoint", str(run.ckpt), "--device", "cpu"], capsys)
+    assert f"digits/test ({len(test_set)} images)" in out
+    assert f"accuracy {m['test_accuracy']:.4f}" in out
+    # snp: the analysed (test) split and the recorded options
+    snp = json.loads((run.snp / "snp.json").read_text())
+    assert snp["num_samples"] == len(test_set)
+    assert snp["config"]["dataset_options"] == {"test_fraction": 0.3}
+    # prune: fine-tuned on the run's training split, accuracies on its evaluation split
+    rec = json.loads((run.pruned / "prune.json").read_text())
+    assert rec["data"] == {"train_samples": len(train_set), "eval_samples": len(test_set),
+                           "eval_split": "test", "dataset_options": {"test_fraction": 0.3}}
+    # the experiments' loaders and from_record itself: the very same images and labels
+    record = torch.load(run.ckpt, weights_only=True)["dataset"]
+    tl, el, _ = data_loaders(record)
+    assert list(el.dataset.targets) == list(test_set.targets)
+    assert list(tl.dataset.targets) == list(train_set.targets)
+    assert list(train_split_loader(record, None, None).dataset.targets) == list(train_set.targets)
+    assert torch.equal(data.from_record(record, "eval")[0][0], test_set[0][0])
+
+
+def test_flowers_record_evaluates_on_val():
+    rec = {"name": "flowers102", "eval_split": "val", "data_dir": "/nonexistent/cctk-data"}
+    with pytest.raises(data.DataError, match="val|flowers"):
+        data.from_record(rec, "eval")
+    with pytest.raises(data.DatasetArgumentError, match="names no dataset"):
+        data.from_record({}, "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: exit 2, one line, nothing written
+
+
+def _crafted(path, marker):
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    torch.save({"format": "cctk-checkpoint", "state_dict": {}, "x": Payload()}, path)
+
+
+@pytest.fixture
+def bad(run, tmp_path):
+    """Paths of broken inputs beside the good ones of ``run``."""
+    b = types.SimpleNamespace(**vars(run), tmp=tmp_path, out=tmp_path / "out")
+    b.file = tmp_path / "a_file"
+    b.file.write_text("keep me")
+    b.empty = tmp_path / "empty.pt"
+    b.empty.write_bytes(b"")
+    b.junk = tmp_path / "junk.pt"
+    b.junk.write_text("101")
+    b.foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.ones(2)}, b.foreign)
+    ck = torch.load(run.ckpt, weights_only=True)
+    no_sd = dict(ck)
+    no_sd.pop("state_dict")
+    b.no_state = tmp_path / "no_state.pt"
+    torch.save(no_sd, b.no_state)
+    shape = dict(ck, state_dict={k: torch.zeros(2, *v.shape) if v.dim() else v
+                                 for k, v in ck["state_dict"].items()})
+    b.other_shape = tmp_path / "other_shape.pt"
+    torch.save(shape, b.other_shape)
+    b.marker = tmp_path / "pwned"
+    b.crafted = tmp_path / "crafted.pt"
+    _crafted(b.crafted, b.marker)
+    # a corrupt nodes.npz beside a valid snp.json (same checkpoint)
+    b.corrupt_snp = tmp_path / "corrupt_snp"
+    b.corrupt_snp.mkdir()
+    (b.corrupt_snp / "snp.json").write_bytes((run.snp / "snp.json").read_bytes())
+    (b.corrupt_snp / "nodes.npz").write_bytes(b"PK\x03\x04 not a zip")
+    # an SNP directory of another checkpoint (same model, other weights)
+    other = dict(ck, state_dict={k: v + 1 if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
+    b.other_ckpt = tmp_path / "other.pt"
+    torch.save(other, b.other_ckpt)
+    b.no_json_snp = tmp_path / "no_json_snp"
+    b.no_json_snp.mkdir()
+    (b.no_json_snp / "nodes.npz").write_bytes((run.snp / "nodes.npz").read_bytes())
+    return b
+
+
+NO_GPU = not torch.cuda.is_available()
+CASES = [
+    # train
+    ("train --out is a file", lambda b: ["train", "--out", b.file, "--epochs", "1"], "is a file"),
+    ("train --batch-size 0", lambda b: ["train", "--out", b.out, "--batch-size", "0"], "batch_size must be >= 1"),
+    ("train --train-subset 0", lambda b: ["train", "--out", b.out, "--train-subset", "0"], "train_subset"),
+    ("train --device nonsense", lambda b: ["train", "--out", b.out, "--device", "gpu7"], "not a device"),
+    ("train over a finished run", lambda b: ["train", "--out", b.train, "--epochs", "1"], "already holds a run"),
+    ("train --resume from a pruned checkpoint",
+     lambda b: ["train", "--out", b.out, "--resume", b.pruned_ckpt], "pruned checkpoint"),
+    ("train --resume an empty file", lambda b: ["train", "--out", b.out, "--resume", b.empty], "cannot read"),
+    ("train --resume a crafted file", lambda b: ["train", "--out", b.out, "--resume", b.crafted], "cannot read"),
+    ("train --resume a foreign file", lambda b: ["train", "--out", b.out, "--resume", b.foreign],
+     "not a cctk checkpoint"),
+    # eval
+    ("eval --subset 0", lambda b: ["eval", "--checkpoint", b.ckpt, "--subset", "0"], "--subset must be >= 1"),
+    ("eval --batch-size 0", lambda b: ["eval", "--checkpoint", b.ckpt, "--batch-size", "0"], "--batch-size"),
+    ("eval --num-workers -1", lambda b: ["eval", "--checkpoint", b.ckpt, "--num-workers", "-1"], "--num-workers"),
+    ("eval --out is a directory", lambda b: ["eval", "--checkpoint", b.ckpt, "--out", b.tmp], "is a directory"),
+    ("eval an empty file", lambda b: ["eval", "--checkpoint", b.empty], "cannot read checkpoint"),
+    ("eval a text file", lambda b: ["eval", "--checkpoint", b.junk], "cannot read checkpoint"),
+    ("eval a foreign torch file", lambda b: ["eval", "--checkpoint", b.foreign], "not a cctk checkpoint"),
+    ("eval a checkpoint without a state dict", lambda b: ["eval", "--checkpoint", b.no_state], "no model weights"),
+    ("eval a checkpoint of another shape", lambda b: ["eval", "--checkpoint", b.other_shape], "do not fit"),
+    ("eval a crafted pickle", lambda b: ["eval", "--checkpoint", b.crafted], "cannot read checkpoint"),
+    ("eval --split nosuch", lambda b: ["eval", "--checkpoint", b.ckpt, "--split", "nosuch"], "no split 'nosuch'"),
+    # snp
+    ("snp --out is a file", lambda b: ["snp", "--checkpoint", b.ckpt, "--out", b.file], "is a file"),
+    ("snp --batch-size 0", lambda b: ["snp", "--checkpoint", b.ckpt, "--out", b.out, "--batch-size", "0"], "--batch-size"),
+    ("snp --subset 0", lambda b: ["snp", "--checkpoint", b.ckpt, "--out", b.out, "--subset", "0"], "--subset"),
+    ("snp --threshold 1.5", lambda b: ["snp", "--checkpoint", b.ckpt, "--out", b.out, "--threshold", "1.5"], "--threshold"),
+    ("snp of a pruned checkpoint", lambda b: ["snp", "--checkpoint", b.pruned_ckpt, "--out", b.out], "pruned"),
+    ("snp of a missing checkpoint", lambda b: ["snp", "--checkpoint", b.tmp / "none.pt", "--out", b.out], "not found"),
+    ("snp of a crafted pickle", lambda b: ["snp", "--checkpoint", b.crafted, "--out", b.out], "cannot read"),
+    # prune
+    ("prune an already-pruned checkpoint",
+     lambda b: ["prune", "--checkpoint", b.pruned_ckpt, "--snp", b.snp, "--out", b.out], "already pruned"),
+    ("prune with a corrupt nodes.npz",
+     lambda b: ["prune", "--checkpoint", b.ckpt, "--snp", b.corrupt_snp, "--out", b.out], "nodes.npz"),
+    ("prune with the SNP of another checkpoint",
+     lambda b: ["prune", "--checkpoint", b.other_ckpt, "--snp", b.snp, "--out", b.out], "another checkpoint"),
+    ("prune with an SNP dir without snp.json",
+     lambda b: ["prune", "--checkpoint", b.ckpt, "--snp", b.no_json_snp, "--out", b.out], "snp.json"),
+    ("prune --finetune-epochs -1",
+     lambda b: ["prune", "--checkpoint", b.ckpt, "--snp", b.snp, "--out", b.out, "--finetune-epochs", "-1"],
+     "--finetune-epochs"),
+    ("prune --batch-size 0",
+     lambda b: ["prune", "--checkpoint", b.ckpt, "--snp", b.snp, "--out", b.out, "--batch-size", "0"], "--batch-size"),
+    ("prune --subset 0",
+     lambda b: ["prune", "--checkpoint", b.ckpt, "--snp", b.snp, "--out", b.out, "--subset", "0"], "--subset"),
+    ("prune --density 0", lambda b: ["prune", "--checkpoint", b.ckpt, "--snp", b.snp, "--out", b.out,
+                                     "--density", "0"], "--density"),
+    ("prune andc without --snp", lambda b: ["prune", "--checkpoint", b.ckpt, "--out", b.out], "needs --snp"),
+    ("prune --out is a file", lambda b: ["prune", "--checkpoint", b.ckpt, "--snp", b.snp, "--out", b.file], "is a file"),
+    # demo
+    ("demo --epochs 0", lambda b: ["demo", "--out", b.out, "--epochs", "0"], "--epochs"),
+    ("demo --density 2", lambda b: ["demo", "--out", b.out, "--density", "2"], "--density"),
+    ("demo --train-subset 0", lambda b: ["demo", "--out", b.out, "--train-subset", "0"], "--train-subset"),
+    ("demo --out is a file", lambda b: ["demo", "--out", b.file], "is a file"),
+]
+if NO_GPU:
+    CASES += [
+        ("train --device cuda without a GPU", lambda b: ["train", "--out", b.out, "--device", "cuda"], "CUDA"),
+        ("eval --device cuda without a GPU", lambda b: ["eval", "--checkpoint", b.ckpt, "--device", "cuda"], "CUDA"),
+        ("snp --device cuda without a GPU",
+         lambda b: ["snp", "--checkpoint", b.ckpt, "--out", b.out, "--device", "cuda"], "CUDA"),
+        ("snp --backend triton on a CPU",
+         lambda b: ["snp", "--checkpoint", b.ckpt, "--out", b.out, "--backend", "triton", "--device", "cpu"],
+         "triton"),
+        ("demo --device cuda without a GPU", lambda b: ["demo", "--out", b.out, "--device", "cuda"], "CUDA"),
+    ]
+
+
+def _snapshot(root):
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_nothing_written(bad, capsys, argv, message):
+    before_run, before_tmp = _snapshot(bad.root), _snapshot(bad.tmp)
+    line = run_error([str(a) for a in argv(bad)], capsys)
+    assert message in line, line
+    assert not bad.out.exists()
+    assert not bad.marker.exists()                       # no crafted payload ran
+    assert _snapshot(bad.root) == before_run and _snapshot(bad.tmp) == before_tmp
+
+
+def test_two_runs_into_one_out_the_second_is_refused(tmp_path, capsys):
+    from cctk.checkpoint import output_dir
+
+    out = tmp_path / "run"
+    with output_dir(out):       # another process's run, alive
+        line = run_error(["train", "--out", str(out), "--epochs", "1"] + FAST, capsys)
+    assert "in use by another cctk process" in line
+    assert sorted(p.name for p in out.iterdir()) == [".cctk.lock"]
+
+
+def test_overwrite_replaces_a_finished_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--epochs", "1", "--train-subset", "64", "--test-subset",
+            "32", "--out", str(out), "--no-verbose"] + FAST
+    run_ok(args, capsys)
+    first = (out / "metrics.json").read_bytes()
+    run_error(args, capsys)
+    assert (out / "metrics.json").read_bytes() == first
+    run_ok(args + ["--overwrite", "--seed", "1"], capsys)
+    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# read-only and full file systems (small tmpfs mounts)
+
+
+@contextlib.contextmanager
+def tmpfs(path, size="64k", read_only=False):
+    path.mkdir()
+    opts = f"size={size}" + (",ro" if read_only else "")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): "
+                    f"{res.stderr.decode().strip()[:100]}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(mount):
+    fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+
+
+def test_read_only_file_system(run, tmp_path, capsys):
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        line = run_error(["eval", "--checkpoint", str(run.ckpt), "--device", "cpu",
+                          "--out", str(ro / "eval.json")], capsys)
+        assert "Read-only file system" in line
+        line = run_error(["snp", "--checkpoint", str(run.ckpt), "--out", str(ro / "snp")] + SNP_FAST, capsys)
+        assert "Read-only file system" in line
+        line = run_error(["train", "--out", str(ro / "run"), "--epochs", "1"] + FAST, capsys)
+        assert "Read-only file system" in line
+        assert os.listdir(ro) == []
+
+
+def test_full_file_system_keeps_the_old_results(run, tmp_path, capsys):
+    with tmpfs(tmp_path / "full", size="2m") as full:
+        snp = full / "snp"
+        snp.mkdir()
+        for name in ("snp.json", "nodes.npz"):
+            (snp / name).write_bytes((run.snp / name).read_bytes())
+        old = _snapshot(snp)
+        _fill(full)
+        line = run_error(["snp", "--checkpoint", str(run.ckpt), "--out", str(snp), "--threshold", "0.5"]
+                         + SNP_FAST, capsys)
+        assert "No space left on device" in line
+        assert {p: v for p, v in _snapshot(snp).items() if p.name != ".cctk.lock"} == old
+        line = run_error(["eval", "--checkpoint", str(run.ckpt), "--device", "cpu",
+                          "--out", str(full / "eval.json")], capsys)
+        assert "No space left on device" in line
+        assert sorted(os.listdir(full)) == ["filler", "snp"]
+        assert not [n for n in os.listdir(snp) if n.startswith(".tmp-")]
