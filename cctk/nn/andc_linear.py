@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from cctk.ops.bsr_linear import (BACKENDS, _check_mask, _resolve_backend, bsr_linear, bsr_linear_epilogue,
+from cctk.ops.bsr_linear import (BACKENDS, _check_mask, bsr_linear, bsr_linear_epilogue,
                                  bsr_to_dense, bsr_transpose_index, check_block_size, dense_to_bsr)
 
 _INDEX_BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices", "block_perm")
@@ -28,25 +28,6 @@ def _layout_from_mask(mask: torch.Tensor):
     col = mask.nonzero()[:, 1].to(torch.int32).contiguous()
     ccol, row, perm = bsr_transpose_index(crow, col, nbc)
     return {"crow_indices": crow, "col_indices": col, "ccol_indices": ccol, "row_indices": row, "block_perm": perm}
-
-
-class _FirstOrderOnly(torch.autograd.Function):
-    """Identity whose backward refuses ``create_graph=True``: the compiled and Triton backward
-    kernels have no autograd of their own, so a double backward through them would silently
-    give zero gradients (gradient penalties, Hessian-vector products)."""
-
-    @staticmethod
-    def forward(ctx, y, backend):
-        ctx.backend = backend
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError(f"ANDCLinear: double backward (create_graph=True) is not supported by "
-                               f"the {ctx.backend!r} backend; set layer.backend = 'torch' for "
-                               f"higher-order gradients")
-        return grad, None
 
 
 class ANDCLinear(nn.Module):
@@ -151,17 +132,8 @@ class ANDCLinear(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"ANDCLinear expects x of shape (..., {self.in_features}), got "
                              f"{tuple(getattr(x, 'shape', ()))}")
-        y = bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
-                       backend=self._backend, transposed_index=self.transposed_index())
-        return self._first_order_only(y, x)
-
-    def _first_order_only(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y``, refusing a later double backward on backends without second-order autograd."""
-        if y.requires_grad:
-            backend = _resolve_backend(self._backend, x.device)
-            if backend != "torch":
-                y = _FirstOrderOnly.apply(y, backend)
-        return y
+        return bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
+                          backend=self._backend, transposed_index=self.transposed_index())
 
     def forward_epilogue(self, x: torch.Tensor, activation: str = "none",
                          residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -170,10 +142,9 @@ class ANDCLinear(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"ANDCLinear expects x of shape (..., {self.in_features}), got "
                              f"{tuple(getattr(x, 'shape', ()))}")
-        y = bsr_linear_epilogue(x, self.values, self.crow_indices, self.col_indices, self.bias,
-                                self.out_features, activation=activation, residual=residual,
-                                backend=self._backend, transposed_index=self.transposed_index())
-        return self._first_order_only(y, x)
+        return bsr_linear_epilogue(x, self.values, self.crow_indices, self.col_indices, self.bias,
+                                   self.out_features, activation=activation, residual=residual,
+                                   backend=self._backend, transposed_index=self.transposed_index())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "

@@ -204,7 +204,18 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _refuse_double_backward(where: str):
+    # The backward kernels have no autograd of their own: differentiating them again would give
+    # silent zeros (gradient penalties, Hessian-vector products). With create_graph=True grad
+    # mode is on inside backward.
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{where}: double backward (create_graph=True) is not supported by the compiled and "
+                           "Triton kernels; use backend='torch' (ANDCLinear: layer.backend = 'torch') for "
+                           "higher-order gradients")
+
+
 def _backward(ctx, grad_out):
+    _refuse_double_backward("cctk::bsr_linear")
     x, values, crow_indices, col_indices = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     B = values.shape[-1]
@@ -272,6 +283,26 @@ def check_bsr_inputs(x, values, crow_indices, col_indices, bias, out_features):
             raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
 
 
+def check_bsr_index(crow_indices: torch.Tensor, col_indices: torch.Tensor, n_block_cols: int) -> None:
+    """The compressed index is well formed: crow starts at 0, ends at nnz and never decreases;
+    every col is in [0, n_block_cols). The compiled kernels check the same before any work;
+    this is the check of the other backends (on a GPU an asynchronous device-side assert, so
+    it never waits for the device)."""
+    nnz = col_indices.shape[0]
+    if crow_indices.numel() == 0:
+        return
+    ok_ends = (crow_indices[0] == 0) & (crow_indices[-1] == nnz)
+    ok_mono = (crow_indices[1:] >= crow_indices[:-1]).all()
+    ok_cols = ((col_indices >= 0) & (col_indices < n_block_cols)).all() if nnz else ok_ends
+    msg = (f"bsr_linear: malformed block index (crow must run from 0 to nnz={nnz} without decreasing; "
+           f"col_indices must lie in [0, {n_block_cols}))")
+    if crow_indices.device.type == "cpu":
+        if not bool(ok_ends & ok_mono & ok_cols):
+            raise ValueError(msg)
+    else:
+        torch._assert_async(ok_ends & ok_mono & ok_cols, msg)
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -318,6 +349,7 @@ class _BsrLinearTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward("bsr_linear (triton)")
         from cctk.kernels import bsr_linear as tk
         x, values, crow, col, ccol, row, perm = ctx.saved_tensors
         grad_out = grad_out.contiguous()
@@ -382,6 +414,8 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor
     """
     check_bsr_inputs(x, values, crow_indices, col_indices, bias, out_features)
     backend = _resolve_backend(backend, x.device)
+    if backend != "ext" and not torch.compiler.is_compiling():  # the compiled kernels check it themselves
+        check_bsr_index(crow_indices, col_indices, math.ceil(x.shape[-1] / values.shape[-1]))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if backend == "torch":
