@@ -14,7 +14,9 @@ rounding):
 * the convolutional tokenizer in channels-last memory: conv -> ReLU -> max-pool run on NHWC,
   where torch's CPU max-pool is ~10x faster than on NCHW, and the flatten to (B, T, d) tokens
   becomes a free view; each stage's ReLU moves after its max-pool (exact: max commutes with a
-  non-decreasing function, and the pool's padding is -inf), so it touches 4x fewer values;
+  non-decreasing function, and the pool's padding is -inf), so it touches 4x fewer values; on
+  the CPU each stage runs as one ``cctk::conv_relu_maxpool`` pass that never writes the
+  full-resolution feature map (``fuse_tokenizer``);
 * attention through ``cctk.ops.attention`` (the fused CPU kernel; SDPA where it has none) -- the
   model's inference path does this by itself when autograd is off;
 * in every CCT encoder layer, the GELU and both residual adds as epilogues of the linears
@@ -68,7 +70,8 @@ def _relu_after_pool(tokenizer: Tokenizer) -> None:
 
 
 def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, compile: bool = False,
-             channels_last: bool = True, fuse_epilogues: bool = True, inplace: bool = False) -> nn.Module:
+             channels_last: bool = True, fuse_epilogues: bool = True, fuse_tokenizer: bool = True,
+             inplace: bool = False) -> nn.Module:
     """Return ``model`` prepared for fast inference in ``dtype`` (see the module doc).
 
     ``inplace=False`` (default) works on a deep copy. ``compile=True`` returns
@@ -90,6 +93,7 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, compile: 
     for sub in m.modules():
         if isinstance(sub, Tokenizer):
             _relu_after_pool(sub)
+            sub.fused = fuse_tokenizer
             if channels_last:
                 sub.to(memory_format=torch.channels_last)
         if isinstance(sub, TransformerEncoderLayer):
@@ -100,7 +104,7 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, compile: 
                 setattr(parent, name, LayerNorm.from_torch(child))
     m.register_forward_pre_hook(_CastInput(dtype, channels_last and is_cct))
     m._cctk_optimized = dict(dtype=str(dtype).replace("torch.", ""), channels_last=channels_last,
-                             fuse_epilogues=fuse_epilogues, compile=compile)
+                             fuse_epilogues=fuse_epilogues, fuse_tokenizer=fuse_tokenizer, compile=compile)
     if compile:
         return torch.compile(m, dynamic=False, fullgraph=True)
     return m
