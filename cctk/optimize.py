@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from cctk.models.cct import CCT, Tokenizer, TransformerEncoderLayer
+from cctk.nn.andc_linear import ANDCLinear
 from cctk.nn.layer_norm import LayerNorm
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -98,6 +99,8 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, compile: 
                 sub.to(memory_format=torch.channels_last)
         if isinstance(sub, TransformerEncoderLayer):
             sub.fused_epilogues = fuse_epilogues
+        if isinstance(sub, ANDCLinear):
+            sub.inference_fast = True
     for parent in list(m.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.LayerNorm and len(child.normalized_shape) == 1:

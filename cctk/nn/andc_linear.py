@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from cctk import _ext
 from cctk.ops.bsr_linear import (BACKENDS, _check_mask, bsr_linear, bsr_linear_epilogue,
                                  bsr_to_dense, bsr_transpose_index, check_block_size, dense_to_bsr)
 
@@ -65,6 +66,9 @@ class ANDCLinear(nn.Module):
         self.out_features = out_features
         self.block_size = block_size
         self._backend = "auto"
+        # set by cctk.optimize: CPU inference calls the compiled op directly (the layout was
+        # validated when the layer was built or loaded; shapes are checked by the kernel)
+        self.inference_fast = False
         mask = block_mask.detach().to(device=device, dtype=torch.bool).clone()
         self.register_buffer("mask", mask)
         for name, t in _layout_from_mask(mask).items():
@@ -129,16 +133,31 @@ class ANDCLinear(nn.Module):
         return self.ccol_indices, self.row_indices, self.block_perm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and self._direct(x):
+            y = torch.ops.cctk.bsr_linear(x.reshape(-1, self.in_features).contiguous(), self.values, self.crow_indices,
+                                          self.col_indices, self.bias, self.out_features)
+            return y.reshape(x.shape[:-1] + (self.out_features,))
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"ANDCLinear expects x of shape (..., {self.in_features}), got "
                              f"{tuple(getattr(x, 'shape', ()))}")
         return bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
                           backend=self._backend, transposed_index=self.transposed_index())
 
+    def _direct(self, x: torch.Tensor) -> bool:
+        return (self.inference_fast and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and self._backend in ("auto", "ext") and x.dtype == self.values.dtype and x.dim() >= 1
+                and x.shape[-1] == self.in_features and _ext.available())
+
     def forward_epilogue(self, x: torch.Tensor, activation: str = "none",
                          residual: torch.Tensor | None = None) -> torch.Tensor:
         """``activation(self(x)) + residual`` in one kernel where the backend has the fused
         epilogue (``cctk.ops.bsr_linear_epilogue``); activation ``"none"`` or ``"gelu"``."""
+        if self._direct(x) and (residual is None or residual.shape == x.shape[:-1] + (self.out_features,)):
+            r2 = None if residual is None else residual.reshape(-1, self.out_features)
+            y = torch.ops.cctk.bsr_linear_epilogue(x.reshape(-1, self.in_features).contiguous(), self.values,
+                                                   self.crow_indices, self.col_indices, self.bias,
+                                                   self.out_features, activation, r2)
+            return y.reshape(x.shape[:-1] + (self.out_features,))
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"ANDCLinear expects x of shape (..., {self.in_features}), got "
                              f"{tuple(getattr(x, 'shape', ()))}")
