@@ -23,6 +23,8 @@ rounding):
   (``ANDCLinear``: inside the block-sparse kernel; ``nn.Linear``: the plain ops);
 * every last-dimension ``nn.LayerNorm`` as ``cctk.nn.LayerNorm`` (same parameters; inference runs
   the ``cctk::layer_norm`` kernel);
+* every ``ANDCLinear`` calls its compiled op directly and keeps its weights pre-packed in the
+  kernel's layout (``ANDCLinear.prepack``: no packing per call);
 * ``compile=True``: ``torch.compile`` of the result (cctk's ops are torch.library ops with fake
   kernels, so the graph has no breaks).
 
@@ -76,7 +78,10 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, compile: 
     """Return ``model`` prepared for fast inference in ``dtype`` (see the module doc).
 
     ``inplace=False`` (default) works on a deep copy. ``compile=True`` returns
-    ``torch.compile(model)`` (the optimized module stays reachable as ``._orig_mod``).
+    ``torch.compile(model)`` (the optimized module stays reachable as ``._orig_mod``). The result
+    is a frozen inference model: to change its weights, change the original and optimize again
+    (eager results notice an in-place change of pre-packed weights and repack on the fly; a
+    compiled graph keeps the pack it was traced with).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"cctk.optimize expects an nn.Module, got {type(model).__name__}")
@@ -101,6 +106,7 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, compile: 
             sub.fused_epilogues = fuse_epilogues
         if isinstance(sub, ANDCLinear):
             sub.inference_fast = True
+            sub.prepack()
     for parent in list(m.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.LayerNorm and len(child.normalized_shape) == 1:

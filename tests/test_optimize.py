@@ -383,3 +383,28 @@ def test_optimized_tokenizer_runs_the_fused_stage(monkeypatch):
         calls.clear()
         fast(x)
         assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [16, 32, 64])
+def test_prepacked_weights_equal_on_the_fly_packing(B, dtype):
+    from cctk.ops.bsr_linear import bsr_pack_ref
+    m = _sparse(130, 70, B, dtype)
+    packed = torch.ops.cctk.bsr_pack(m.values.detach())
+    assert torch.equal(packed, bsr_pack_ref(m.values.detach()))
+    torch.library.opcheck(torch.ops.cctk.bsr_pack.default, (m.values.detach(),))
+    x, r = torch.randn(37, 70).to(dtype), torch.randn(37, 130).to(dtype)
+    with torch.no_grad():
+        plain = m.forward_epilogue(x, activation="gelu", residual=r)
+        m.inference_fast = True
+        assert m.prepack()
+        fast = m.forward_epilogue(x, activation="gelu", residual=r)
+        assert torch.equal(fast, plain)
+        m.values.mul_(2.0)  # the weights change: the pack is retired, never used stale
+        torch.testing.assert_close(m.forward_epilogue(x).double(), _want(m, x, "none", None), **TOL[dtype])
+        assert m._packed is None
+    with pytest.raises(RuntimeError, match="bsr_pack"):
+        torch.ops.cctk.bsr_linear_epilogue(x, m.values.detach(), m.crow_indices, m.col_indices, None, 130, "none",
+                                           None, packed[:1])

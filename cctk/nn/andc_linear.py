@@ -9,6 +9,7 @@ fine-tuning (they have no parameter to receive a gradient).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -69,6 +70,7 @@ class ANDCLinear(nn.Module):
         # set by cctk.optimize: CPU inference calls the compiled op directly (the layout was
         # validated when the layer was built or loaded; shapes are checked by the kernel)
         self.inference_fast = False
+        self._packed = None  # (packed weights, weakref to the values they came from, its version): prepack()
         mask = block_mask.detach().to(device=device, dtype=torch.bool).clone()
         self.register_buffer("mask", mask)
         for name, t in _layout_from_mask(mask).items():
@@ -134,14 +136,39 @@ class ANDCLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and self._direct(x):
-            y = torch.ops.cctk.bsr_linear(x.reshape(-1, self.in_features).contiguous(), self.values, self.crow_indices,
-                                          self.col_indices, self.bias, self.out_features)
-            return y.reshape(x.shape[:-1] + (self.out_features,))
+            return self.forward_epilogue(x)
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"ANDCLinear expects x of shape (..., {self.in_features}), got "
                              f"{tuple(getattr(x, 'shape', ()))}")
         return bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
                           backend=self._backend, transposed_index=self.transposed_index())
+
+    def prepack(self) -> bool:
+        """Pack the forward weights into the CPU kernel's layout once (``cctk::bsr_pack``), for
+        inference: later forwards skip the per-call packing (most of a batch-1 call's overhead).
+        The pack is used only while ``values`` is the same tensor at the same version (any
+        update, ``.to()`` or ``load_state_dict`` retires it). Returns whether a pack was made."""
+        if self.values.device.type != "cpu" or not _ext.available() or self.values.dtype not in (torch.float32,
+                                                                                                 torch.bfloat16):
+            self._packed = None
+            return False
+        with torch.no_grad():
+            packed = torch.ops.cctk.bsr_pack(self.values.detach())
+        self._packed = (packed, weakref.ref(self.values), self.values._version)
+        return True
+
+    def _packed_weights(self):
+        if self._packed is None:
+            return None
+        packed, ref, version = self._packed
+        if torch.compiler.is_compiling():
+            # a compiled graph takes the pack as it is: cctk.optimize(compile=True) models are frozen
+            # (change their weights in place and the graph keeps the old pack; optimize again)
+            return packed if ref() is self.values else None
+        if ref() is not self.values or self.values._version != version:
+            self._packed = None  # stale: the weights changed since prepack()
+            return None
+        return packed
 
     def _direct(self, x: torch.Tensor) -> bool:
         return (self.inference_fast and not torch.is_grad_enabled() and x.device.type == "cpu"
@@ -156,7 +183,7 @@ class ANDCLinear(nn.Module):
             r2 = None if residual is None else residual.reshape(-1, self.out_features)
             y = torch.ops.cctk.bsr_linear_epilogue(x.reshape(-1, self.in_features).contiguous(), self.values,
                                                    self.crow_indices, self.col_indices, self.bias,
-                                                   self.out_features, activation, r2)
+                                                   self.out_features, activation, r2, self._packed_weights())
             return y.reshape(x.shape[:-1] + (self.out_features,))
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"ANDCLinear expects x of shape (..., {self.in_features}), got "

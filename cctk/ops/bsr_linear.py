@@ -161,8 +161,10 @@ _op_backward_weight = define("bsr_linear_backward_weight(Tensor grad_out, Tensor
                              "Tensor col_indices, int block_size) -> Tensor", bsr_linear_backward_weight_ref)
 
 
-def bsr_linear_epilogue_ref(x, values, crow_indices, col_indices, bias, out_features, activation, residual):
-    """``GELU?(x @ W^T + bias) (+ residual)``: the reference of the fused-epilogue forward."""
+def bsr_linear_epilogue_ref(x, values, crow_indices, col_indices, bias, out_features, activation, residual,
+                            packed=None):
+    """``GELU?(x @ W^T + bias) (+ residual)``: the reference of the fused-epilogue forward
+    (``packed``, the kernel's own copy of the weights, is not needed here)."""
     y = bsr_linear_ref(x, values, crow_indices, col_indices, bias, out_features)
     if activation == "gelu":
         y = F.gelu(y)
@@ -172,14 +174,40 @@ def bsr_linear_epilogue_ref(x, values, crow_indices, col_indices, bias, out_feat
 
 
 _op_epilogue = define("bsr_linear_epilogue(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
-                      "Tensor? bias, int out_features, str activation, Tensor? residual) -> Tensor",
+                      "Tensor? bias, int out_features, str activation, Tensor? residual, Tensor? packed=None) -> Tensor",
                       bsr_linear_epilogue_ref)
 
 
 @torch.library.register_fake("cctk::bsr_linear_epilogue")
-def _bsr_linear_epilogue_fake(x, values, crow_indices, col_indices, bias, out_features, activation, residual):
+def _bsr_linear_epilogue_fake(x, values, crow_indices, col_indices, bias, out_features, activation, residual,
+                              packed=None):
     torch._check(x.dim() == 2, lambda: "cctk::bsr_linear_epilogue: x must be 2-D")
     return x.new_empty((x.shape[0], out_features))
+
+
+def bsr_pack_ref(values: torch.Tensor) -> torch.Tensor:
+    """The forward weights in the CPU kernel's layout: bf16 -> int32 (nnz, B/2, B), entry
+    [e, p, o] = (W^T[2p, o] low half, W^T[2p+1, o] high half) of block e; fp32 -> (nnz, B, B)
+    holding W^T of each block; other dtypes -> empty (the kernels pack on the fly)."""
+    if values.dtype == torch.bfloat16:
+        wt = values.transpose(1, 2).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF  # (nnz, k, o)
+        return (wt[:, 0::2] | (wt[:, 1::2] << 16)).contiguous()
+    if values.dtype == torch.float32:
+        return values.transpose(1, 2).contiguous()
+    return values.new_empty(0, dtype=torch.float32)
+
+
+_op_pack = define("bsr_pack(Tensor values) -> Tensor", bsr_pack_ref)
+
+
+@torch.library.register_fake("cctk::bsr_pack")
+def _bsr_pack_fake(values):
+    n, B = values.shape[0], values.shape[-1]
+    if values.dtype == torch.bfloat16:
+        return values.new_empty((n, B // 2, B), dtype=torch.int32)
+    if values.dtype == torch.float32:
+        return values.new_empty((n, B, B))
+    return values.new_empty(0, dtype=torch.float32)
 
 
 @torch.library.register_fake("cctk::bsr_linear")
