@@ -1,13 +1,9 @@
 """cctk::attention (the fused CPU attention kernel) against its float64 reference."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from capability import results_per_capability
 from cctk import _ext
 from cctk.ops.attention import attention, attention_ref
 
@@ -172,15 +168,7 @@ json.dump(out, sys.stdout)
 @needs_ext
 def test_capability_paths_agree():
     """CCTK_CPU_CAPABILITY=scalar and avx512 (bf16 through fp32) agree with the best path."""
-    results = {}
-    for cap in ("best", "avx512", "scalar"):
-        env = dict(os.environ)
-        if cap != "best":
-            env["CCTK_CPU_CAPABILITY"] = cap
-        proc = subprocess.run([sys.executable, "-c", _CAP_SCRIPT], env=env, capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        results[cap] = json.loads(proc.stdout)
+    results = results_per_capability(_CAP_SCRIPT, ("best", "avx512", "scalar"))
     assert results["scalar"]["cap"] == "scalar"
     for cap in ("avx512", "scalar"):
         for key in ("torch.float32", "torch.bfloat16"):

@@ -1,9 +1,5 @@
 """cctk.optimize, the fused linear epilogues and structured node removal."""
 import copy
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cctk
+from capability import results_per_capability
 from cctk import _ext
 from cctk.models import create_model
 from cctk.nn import ANDCLinear
@@ -128,15 +125,7 @@ json.dump(out, sys.stdout)
 @pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
 def test_epilogue_capability_paths_agree():
     """The scalar / AVX2 paths (epilogue as a separate pass) agree with the fused AVX-512 one."""
-    res = {}
-    for cap in ("best", "avx2", "scalar"):
-        env = dict(os.environ)
-        if cap != "best":
-            env["CCTK_CPU_CAPABILITY"] = cap
-        proc = subprocess.run([sys.executable, "-c", _CAP_SCRIPT], env=env, capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        res[cap] = json.loads(proc.stdout)
+    res = results_per_capability(_CAP_SCRIPT, ("best", "avx2", "scalar"))
     for cap in ("avx2", "scalar"):
         torch.testing.assert_close(torch.tensor(res[cap]["torch.float32"]), torch.tensor(res["best"]["torch.float32"]),
                                    atol=2e-5, rtol=2e-5)
