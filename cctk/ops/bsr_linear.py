@@ -417,7 +417,7 @@ def bsr_linear_epilogue(x: torch.Tensor, values: torch.Tensor, crow_indices: tor
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, values, bias, residual))
     resolved = _resolve_backend(backend, x.device)
-    if needs_grad or resolved != "ext":
+    if needs_grad or resolved != "ext" or x.device.type != "cpu":  # the fused epilogue is a CPU kernel
         y = bsr_linear(x, values, crow_indices, col_indices, bias, out_features, backend=resolved,
                        transposed_index=transposed_index)
         if activation == "gelu":
