@@ -571,6 +571,13 @@ def section_cct(run: Run, share: float):
             variants[f"andc_{backend}"] = pruned.eval()
         except Exception as e:
             run.error("cct", f"build pruned model ({backend})", e)
+    try:  # the way a user runs a model: cctk.optimize (channels-last tokenizer, SDPA, frozen weights)
+        import cctk
+        variants["dense_optimized"] = cctk.optimize(model, dtype=dtype)
+        if "andc_ext" in variants:
+            variants["andc_ext_optimized"] = cctk.optimize(variants["andc_ext"], dtype=dtype)
+    except Exception as e:
+        run.error("cct", "cctk.optimize", e)
     for bs in batches:
         if time.perf_counter() > deadline:
             run.note(f"cct: batch {bs} skipped (budget)")
