@@ -39,6 +39,8 @@ from cctk.prune.andc import (PrunePlan, RecognizedSets, apply_masks, encoder_lin
 from cctk.prune.convert import (convert_to_andc, density_summary, layer_densities, load_pruned,
                                 save_pruned, to_masked_dense)
 from cctk.prune.finetune import finetune, images_per_second
+from cctk.prune.scorers import (BLOCK_METHODS, STUDY_METHODS, BlockScorer, NodeScorer, make_node_scorer,
+                                make_scorer, prune_blocks, prune_nodes)
 from cctk.prune.workflow import prune_and_finetune, prune_model
 
 # The names a user calls; the building blocks (masks, permutations, label sets per layer) stay
@@ -47,5 +49,6 @@ __all__ = [
     "RecognizedSets", "PrunePlan", "prune_andc", "prune_magnitude", "prune_model",
     "prune_and_finetune", "apply_masks", "encoder_linear_names", "finetune", "convert_to_andc",
     "to_masked_dense", "density_summary", "layer_densities", "save_pruned", "load_pruned",
-    "images_per_second",
+    "images_per_second", "BlockScorer", "NodeScorer", "make_scorer", "make_node_scorer", "prune_blocks",
+    "prune_nodes", "BLOCK_METHODS", "STUDY_METHODS",
 ]
