@@ -34,9 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--readout-mode", default="pooled", choices=("pooled", "token"),
                    help="readout features: token means (pooled) or every token's nodes (token)")
     p.add_argument("--readout-epochs", type=int, default=10, help="readout training epochs")
-    p.add_argument("--readout-optimizer", default="adam", choices=("adam", "lbfgs"),
-                   help="readout optimiser")
-    p.add_argument("--readout-lr", type=float, default=1e-2, help="readout learning rate (Adam)")
+    p.add_argument("--readout-optimizer", default="adam", choices=("adam", "lbfgs", "sgd"),
+                   help="readout optimiser; sgd is the group's readout: no bias, SGD momentum 0.975 "
+                        "Nesterov, weight decay 1e-3, lr x0.975 per epoch")
+    p.add_argument("--readout-lr", type=float, default=1e-2, help="readout learning rate (Adam, SGD)")
     p.add_argument("--split", default="test", choices=("train", "test", "val"),
                    help="split whose label-conditioned means build the node matrices")
     p.add_argument("--data-dir", default=None,

@@ -137,7 +137,7 @@ def run_snp(model, train_loader, test_loader, num_classes: int, threshold: float
             readout_mode: str = "pooled", readout_epochs: int = 10, backend: str = "auto",
             null_draws: int = 1000, seed: int = 0, device=None, readout_optimizer: str = "adam",
             readout_lr: float = 1e-2, readout_batch_size: int = 256,
-            readout_weight_decay: float = 0.0, cache_limit_bytes: int = 2 << 30,
+            readout_weight_decay: Optional[float] = None, cache_limit_bytes: int = 2 << 30,
             example_nodes: int = 3, split: str = "test", dataset: Optional[str] = None,
             model_name: Optional[str] = None, extra_config: Optional[dict] = None,
             verbose: bool = False) -> SNPResult:
