@@ -34,14 +34,14 @@ def test_block_scorers_meet_density_and_keep_function_at_full_density(method, de
         shape = model.get_submodule(name).weight.shape
         assert tuple(bm.shape) == block_grid(shape, B)
         assert int(bm.sum()) == num_blocks_to_keep(density, bm.numel()), name
-    if method in ("andc", "andc-shuffled"):
+    if method in ("andc", "andc-shuffled", "andc-magnitude"):
         assert plan.classifier_mask is not None  # the label-set rule, whatever its count
     else:
         assert int(plan.classifier_mask.sum()) == 300
     # the permutation (if any) preserves the function: at density 1 with a dense classifier the
     # pruned model computes what the model computes
     full, fplan = S.prune_blocks(model, _scorer(method, model), density=1.0, block_size=B)
-    if method not in ("andc", "andc-shuffled"):
+    if method not in ("andc", "andc-shuffled", "andc-magnitude"):
         assert fplan.classifier_mask is None
         x = images()
         torch.testing.assert_close(outputs(full, x), outputs(model, x), rtol=1e-4, atol=1e-4)
@@ -81,6 +81,26 @@ def test_andc_shuffled_differs_from_andc_and_is_seeded():
     sh = S.shuffle_label_sets(sets, 0)
     for orig, new in zip(sets.ff, sh.ff):  # same multiset of label sets per group
         assert sorted(map(tuple, orig.int().tolist())) == sorted(map(tuple, new.int().tolist()))
+
+
+def test_andc_magnitude_weighs_overlap_by_magnitude():
+    model = tiny_model()
+    sets = RecognizedSets.from_snp(random_sets(model, seed=3))
+    sc = S.make_scorer("andc-magnitude", sets=sets)
+    _, plan = S.prune_blocks(model, sc, density=0.25, block_size=B)
+    _, aplan = S.prune_blocks(model, S.AndcScorer(sets), density=0.25, block_size=B)
+    assert plan.permutations.order == aplan.permutations.order          # ANDC's permutations
+    assert torch.equal(plan.classifier_mask, aplan.classifier_mask)      # and classifier rule
+    assert any(not torch.equal(plan.block_masks[n], aplan.block_masks[n]) for n in plan.block_masks)
+    # blocks with no kept connection never outrank blocks with one
+    from cctk.prune.andc import layer_label_sets
+    from cctk.prune.masks import block_reduce, overlap_scores
+    perm_sets = sets.permuted(plan.permutations)
+    for n, bm in plan.block_masks.items():
+        o, i = layer_label_sets(perm_sets, n, model.head_dim)
+        kept = block_reduce(overlap_scores(o, i).double(), B)
+        if bool((kept[~bm] > 0).any()):
+            assert bool((kept[bm] > 0).all()), n
 
 
 def test_random_scorer_seeded():

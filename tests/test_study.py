@@ -30,15 +30,15 @@ def digits_study(tmp_path_factory):
 
 def test_study_writes_results_summary_report(digits_study):
     rows = _rows(digits_study)
-    assert len(rows) == 2 * len(study.STUDY_METHODS)
-    assert {(r["seed"], r["method"]) for r in rows} == {(str(s), m) for s in (0, 1) for m in study.STUDY_METHODS}
+    assert len(rows) == 2 * len(study.ALL_METHODS)
+    assert {(r["seed"], r["method"]) for r in rows} == {(str(s), m) for s in (0, 1) for m in study.ALL_METHODS}
     for r in rows:
         for k in ("accuracy", "accuracy_before_finetune", "images_per_s", "linear_density", "classifier_density"):
             assert r[k] != "", (k, r)
         assert abs(float(r["linear_density"]) - 0.25) < 0.02
         assert (r["connection_keep_fraction"] != "") == (r["method"] in ("andc", "andc-shuffled"))
     s = json.load(open(os.path.join(digits_study, "summary.json")))
-    assert {c["method"] for c in s["cells"]} == set(study.STUDY_METHODS)
+    assert {c["method"] for c in s["cells"]} == set(study.ALL_METHODS)
     cell = next(c for c in s["cells"] if c["method"] == "andc")
     acc = [float(r["accuracy"]) for r in rows if r["method"] == "andc"]
     assert cell["n"] == 2 and cell["accuracy_mean"] == pytest.approx(sum(acc) / 2)

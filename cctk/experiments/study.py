@@ -56,7 +56,7 @@ from cctk.prune.andc import RecognizedSets, encoder_linear_names, final_stream_m
 from cctk.prune.convert import convert_to_andc, density_summary
 from cctk.prune.finetune import finetune, images_per_second
 from cctk.prune.masks import classifier_keep
-from cctk.prune.scorers import (BLOCK_METHODS, STUDY_METHODS, make_node_scorer, make_scorer,
+from cctk.prune.scorers import (ALL_METHODS, BLOCK_METHODS, STUDY_METHODS, make_node_scorer, make_scorer,
                                 prune_blocks, prune_nodes)
 from cctk.train import CHECKPOINT_NAME, TrainConfig, evaluate, get_preset, preset_for_dataset, train
 
@@ -75,7 +75,7 @@ class StudyConfig:
     dataset: str = "digits"
     seeds: Sequence[int] = (0, 1, 2)
     densities: Sequence[float] = (0.5, 0.25, 0.125)
-    methods: Sequence[str] = STUDY_METHODS
+    methods: Sequence[str] = ALL_METHODS
     finetune_epochs: int = 1
     lr: float = 1e-3
     model: Optional[str] = None
@@ -108,7 +108,7 @@ class StudyConfig:
         need(len(self.densities) >= 1 and all(0 < d <= 1 for d in self.densities),
              f"densities must lie in (0, 1], got {list(self.densities)}")
         bad = [m for m in self.methods if m not in STUDY_METHODS]
-        need(not bad, f"unknown method(s) {bad}; choose from {', '.join(STUDY_METHODS)} or 'all'")
+        need(not bad, f"unknown method(s) {bad}; choose from {', '.join(STUDY_METHODS)} or 'all' ({', '.join(ALL_METHODS)})")
         need(len(self.methods) >= 1 and len(set(self.methods)) == len(self.methods), "methods must be distinct and non-empty")
         need(self.finetune_epochs >= 0, f"finetune epochs must be >= 0, got {self.finetune_epochs}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -319,7 +319,7 @@ class _Study:
     def prune(self, method, density, seed, model, sets, cls_sets, calib):
         if method in BLOCK_METHODS:
             opts = {}
-            if method in ("andc", "andc-shuffled"):
+            if method in ("andc", "andc-shuffled", "andc-magnitude"):
                 opts = dict(classifier_sets=cls_sets, prune_classifier=cls_sets is not None)
             scorer = make_scorer(method, sets=sets, calibration=calib, seed=seed, device=self.device, **opts)
             n_cls = int(classifier_keep(cls_sets).sum()) if cls_sets is not None else None

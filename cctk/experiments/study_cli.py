@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="dataset name (`cctk datasets`)")
     p.add_argument("--seeds", default="3", help="number of seeds N (seeds 0..N-1) or a comma list")
     p.add_argument("--densities", default="0.5,0.25,0.125", help="comma-separated target densities")
-    p.add_argument("--methods", default="all", help="'all' or a comma list of: andc, magnitude, wanda, "
-                   "random, andc-shuffled, structured, structured-activation")
+    p.add_argument("--methods", default="all", help="'all' (andc, magnitude, wanda, random, andc-shuffled, "
+                   "structured, structured-activation) or a comma list of those and andc-magnitude")
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs of every pruned model")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune learning rate")
     p.add_argument("--model", default=None, help="model name (default: the dataset's)")
@@ -58,14 +58,14 @@ def _list(text: str, kind, what: str):
 def run(args: argparse.Namespace) -> int:
     from cctk.errors import ConfigError
     from cctk.experiments.study import StudyConfig, run_study
-    from cctk.prune.scorers import STUDY_METHODS
+    from cctk.prune.scorers import ALL_METHODS
 
     seeds = _list(args.seeds, int, "seeds")
     if len(seeds) == 1 and "," not in args.seeds:
         if seeds[0] < 1:
             raise ConfigError(f"--seeds must be >= 1, got {seeds[0]}")
         seeds = list(range(seeds[0]))
-    methods = list(STUDY_METHODS) if args.methods.strip() == "all" else _list(args.methods, str, "methods")
+    methods = list(ALL_METHODS) if args.methods.strip() == "all" else _list(args.methods, str, "methods")
     for what in ("finetune_epochs", "epochs", "train_subset", "test_subset", "block_size", "readout_epochs"):
         v = getattr(args, what)
         if v is not None and v < (0 if what in ("finetune_epochs", "readout_epochs") else 1):

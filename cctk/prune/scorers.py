@@ -20,6 +20,8 @@ Block scorers (``make_scorer(name, ...)``):
 * ``wanda``: sum over the block of |W_ji| * ||x_i||_2, the input norms measured on calibration
   images (training split), norm-sorted permutations as for magnitude.
 * ``random``: seeded random block scores, no permutation.
+* ``andc-magnitude`` (a hybrid, label-aware magnitude): ANDC's permutations and keep rule, block
+  score sum over the block of s_ji * keep_ji * |W_ji| (overlap x magnitude); not in ``all``.
 
 Node scorers (``make_node_scorer(name, ...)``) for :func:`prune_nodes` (structured pruning: whole
 FF units and head dims removed, :func:`cctk.prune.structured.remove_nodes` builds the smaller
@@ -42,20 +44,22 @@ import torch.nn as nn
 
 from cctk.prune.andc import (Permutations, PrunePlan, RecognizedSets, _andc_masks, _density_for,
                              apply_masks, apply_permutations, best_andc_permutations,
-                             encoder_linear_names)
-from cctk.prune.masks import (block_grid, block_reduce, classifier_keep, magnitude_element_mask,
-                              num_blocks_to_keep, topk_block_mask)
+                             encoder_linear_names, layer_label_sets)
+from cctk.prune.masks import (block_grid, block_reduce, classifier_keep, connection_keep,
+                              magnitude_element_mask, num_blocks_to_keep, overlap_scores, topk_block_mask)
 from cctk.prune.structured import remove_nodes
 
-__all__ = ["BlockScorer", "AndcScorer", "MagnitudeScorer", "WandaScorer", "RandomScorer",
-           "BLOCK_METHODS", "NODE_METHODS", "STUDY_METHODS", "make_scorer", "shuffle_label_sets",
+__all__ = ["BlockScorer", "AndcScorer", "AndcMagnitudeScorer", "MagnitudeScorer", "WandaScorer", "RandomScorer",
+           "BLOCK_METHODS", "NODE_METHODS", "STUDY_METHODS", "ALL_METHODS", "make_scorer", "shuffle_label_sets",
            "input_norms", "norm_permutations", "prune_blocks", "NodeScorer", "make_node_scorer",
            "prune_nodes"]
 
-BLOCK_METHODS = ("andc", "magnitude", "wanda", "random", "andc-shuffled")
+BLOCK_METHODS = ("andc", "magnitude", "wanda", "random", "andc-shuffled", "andc-magnitude")
 NODE_METHODS = ("snp", "activation")
 # the study's method names: the block scorers and structured removal ranked by SNP / activation
 STUDY_METHODS = BLOCK_METHODS + ("structured", "structured-activation")
+# what ``--methods all`` runs: the issue's six methods and structured's activation baseline
+ALL_METHODS = ("andc", "magnitude", "wanda", "random", "andc-shuffled", "structured", "structured-activation")
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -132,6 +136,23 @@ class AndcScorer(BlockScorer):
 
     def classifier_mask(self, model, n_keep):
         return classifier_keep(self._active.final) if self.prune_classifier else None
+
+
+class AndcMagnitudeScorer(AndcScorer):
+    """Label-aware magnitude: ANDC's permutations, classifier and keep rule; block score
+    sum s_ji * keep_ji * |W_ji| at the target density (the tau rule stays ANDC's own)."""
+
+    name = "andc-magnitude"
+
+    def layer_masks(self, model, block_size, density, tau):
+        if tau is not None:
+            return super().layer_masks(model, block_size, density, tau)
+        return BlockScorer.layer_masks(self, model, block_size, density, tau)
+
+    def element_scores(self, model, name):
+        out_sets, in_sets = layer_label_sets(self._active, name, model.head_dim)
+        s = overlap_scores(out_sets, in_sets)
+        return (s * connection_keep(s, self.min_overlap)).double() * _weight(model, name).abs().double()
 
 
 def shuffle_label_sets(sets: RecognizedSets, seed: int = 0) -> RecognizedSets:
@@ -290,9 +311,12 @@ def make_scorer(method: str, sets: Optional[RecognizedSets] = None, calibration=
     random and andc-shuffled; ``andc_options``: :class:`AndcScorer` keywords."""
     if method not in BLOCK_METHODS:
         raise ValueError(f"unknown block-pruning method {method!r}; choose from {', '.join(BLOCK_METHODS)}")
-    if method in ("andc", "andc-shuffled"):
+    if method in ("andc", "andc-shuffled", "andc-magnitude"):
         if sets is None:
             raise ValueError(f"method {method!r} needs the SNP label sets")
+        if method == "andc-magnitude":
+            sc = AndcMagnitudeScorer(sets, **andc_options)
+            return sc
         if method == "andc-shuffled":
             cs = andc_options.pop("classifier_sets", None)
             sets = shuffle_label_sets(sets if cs is None else dataclasses.replace(sets, final=cs.to(torch.bool)), seed)
