@@ -106,7 +106,8 @@ def test_shuffled_test_labels_change_no_mask_threshold_or_weight(tmp_path, monke
         cfg = study.StudyConfig(out=str(out), dataset="digits", seeds=[0], densities=[0.25],
                                 methods=["andc", "structured"], finetune_epochs=1, epochs=1,
                                 train_subset=160, test_subset=80, val_size=40, readout_epochs=1,
-                                bench_rounds=1, bench_batch=8, progress=False, verbose=False)
+                                bench_rounds=1, bench_batch=8, progress=False, verbose=False,
+                                snp_variants=not shuffle)
         s = study.run_study(cfg)
         monkeypatch.setattr(study.data, "from_record", real)
         return _rows(out), s
@@ -115,6 +116,12 @@ def test_shuffled_test_labels_change_no_mask_threshold_or_weight(tmp_path, monke
     rows_b, sb = run(tmp_path / "b", True)
     assert [r["model_digest"] for r in rows_a] == [r["model_digest"] for r in rows_b]  # masks + weights
     assert sa["seeds"]["0"]["classifier"] == sb["seeds"]["0"]["classifier"]           # threshold, scan
+    variants = sa["seeds"]["0"]["snp_variants"]                  # both readouts x 3 thresholds
+    assert sorted(variants) == sorted(f"{o}_theta{t}" for o in ("adam", "sgd") for t in (0.2, 0.3, 0.5))
+    sgd = json.load(open(tmp_path / "a" / "seed0" / "snp_variants" / "sgd_theta0.3" / "snp.json"))
+    assert sgd["config"]["readout"]["bias"] is False and sgd["config"]["split"] == "validation"
+    for v in variants.values():
+        assert {"mean_cluster_size", "mean_noise", "snr"} <= set(v["blocks"][0]["ff"])
     na, nb = np.load(tmp_path / "a" / "seed0" / "snp" / "nodes.npz"), np.load(tmp_path / "b" / "seed0" / "snp" / "nodes.npz")
     assert all(np.array_equal(na[k], nb[k]) for k in na.files if k.endswith("_recognized"))  # label sets
     # ... and the test labels were really shuffled: the reported accuracies move

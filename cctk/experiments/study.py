@@ -59,11 +59,14 @@ from cctk.prune.masks import classifier_keep
 from cctk.prune.scorers import (ALL_METHODS, BLOCK_METHODS, STUDY_METHODS, make_node_scorer, make_scorer,
                                 prune_blocks, prune_nodes)
 from cctk.train import CHECKPOINT_NAME, TrainConfig, evaluate, get_preset, preset_for_dataset, train
+from cctk.train.state import seed_everything
 
 __all__ = ["StudyConfig", "run_study", "summarize_results", "PRIMARY", "RESULT_FIELDS"]
 
 PRIMARY = {"method": "andc", "baseline": "magnitude", "density": 0.25,
            "statistic": "test accuracy after fine-tuning, method minus baseline, paired by seed, 95% CI"}
+SNP_VARIANT_READOUTS = ("adam", "sgd")
+SNP_VARIANT_THRESHOLDS = (0.2, 0.3, 0.5)
 RESULT_FIELDS = ["seed", "method", "density", "accuracy", "accuracy_before_finetune", "images_per_s",
                  "dense_images_per_s", "linear_density", "classifier_density", "connection_keep_fraction",
                  "dense_accuracy", "classifier_threshold", "finetune_seconds", "model_digest"]
@@ -94,6 +97,7 @@ class StudyConfig:
     bench_rounds: int = 3
     bench_dtype: str = "float32"
     checkpoints: Optional[Sequence[str]] = None
+    snp_variants: bool = False              # also SNP with both readouts x SNP_VARIANT_THRESHOLDS
     data_dir: Optional[str] = None
     device: Optional[str] = None
     progress: bool = True
@@ -299,6 +303,28 @@ class _Study:
             snp_mod.save(res, snp_dir, plots=False)
         return RecognizedSets.from_snp(snp_dir, num_blocks=model.num_blocks), snp_dir
 
+    def snp_variants(self, seed, seed_dir, model, train_loader, val_loader, num_classes) -> dict:
+        """SNP of the same model with both readouts (cctk's Adam, the group's SGD without bias)
+        at every threshold of SNP_VARIANT_THRESHOLDS, matrices on validation: per block and group
+        the readout accuracy, cluster size, noise per node (the group's primitives) and SNR."""
+        out = {}
+        for opt in SNP_VARIANT_READOUTS:
+            for theta in SNP_VARIANT_THRESHOLDS:
+                name = f"{opt}_theta{theta}"
+                vdir = os.path.join(seed_dir, "snp_variants", name)
+                if not os.path.isfile(os.path.join(vdir, "snp.json")):
+                    res = snp_mod.run_snp(model, train_loader, val_loader, num_classes, threshold=theta,
+                                          readout_epochs=self.cfg.readout_epochs, readout_optimizer=opt,
+                                          null_draws=100, seed=seed, device=self.device, split="validation",
+                                          dataset=self.cfg.dataset)
+                    snp_mod.save(res, vdir, plots=False)
+                summ = snp_mod.load_snp(vdir).summary
+                keys = ("readout_accuracy", "mean_cluster_size", "mean_noise", "snr", "frac_no_cluster")
+                out[name] = {"readout": opt, "threshold": theta,
+                             "blocks": [{g: {k: blk[g].get(k) for k in keys} for g in ("mha", "ff")}
+                                        for blk in summ["blocks"]]}
+        return out
+
     def choose_classifier(self, model, val_loader, num_classes):
         """The classifier threshold chosen on validation data (see the module doc)."""
         run = Run(out_dir=self.cfg.out, dataset=self.cfg.dataset, device=self.device, verbose=False)
@@ -456,16 +482,22 @@ def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
                                                        64, shuffle=False)]
             sets, snp_dir = st.snp_for_seed(seed, seed_dir, model, train_plain, val_loader, num_classes)
             threshold, cls_sets, cls_info = st.choose_classifier(model, val_loader, num_classes)
+            variants = (st.snp_variants(seed, seed_dir, model, train_plain, val_loader, num_classes)
+                        if cfg.snp_variants else None)
             dense_acc = evaluate(model, test_loader, st.device)["accuracy"]
             seeds_info[str(seed)] = {"model_source": source, "validation": val_info, "classifier": cls_info,
                                      "dense_test_accuracy": dense_acc, "snp_dir": os.path.abspath(snp_dir),
-                                     "model": model.config.get("name") if hasattr(model, "config") else None}
+                                     "model": model.config.get("name") if hasattr(model, "config") else None,
+                                     "snp_variants": variants}
             atomic_write_text(json.dumps(seeds_info, indent=1) + "\n", info_path)
             st.say(f"[seed {seed}] dense test accuracy {dense_acc:.4f}; classifier threshold "
                    f"{threshold} (chosen on validation)", flush=True)
             example = next(iter(data.build_loader(test, cfg.bench_batch, shuffle=False)))[0]
             for method, density in todo:
                 bar.set_postfix_str(f"seed {seed} {method} {density}")
+                # every cell of a seed starts from the same RNG state: a resumed study equals an
+                # uninterrupted one, and the methods share the fine-tune's randomness (paired)
+                seed_everything(seed)
                 pruned, lin_d, cls_d, keep = st.prune(method, density, seed, model, sets, cls_sets, calib)
                 pruned = pruned.to(st.device)
                 acc0 = evaluate(pruned, test_loader, st.device)["accuracy"]
