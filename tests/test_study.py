@@ -81,6 +81,7 @@ def test_holm_and_paired_statistics():
     (["--seeds", "0"], "seeds"),
     (["--dataset", "nope"], "nope"),
     (["--val-size", "200"], "validation"),
+    (["--finetune-subset", "0"], "finetune-subset"),
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, bad, msg):
     out = str(tmp_path / "o")

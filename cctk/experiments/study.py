@@ -80,6 +80,7 @@ class StudyConfig:
     densities: Sequence[float] = (0.5, 0.25, 0.125)
     methods: Sequence[str] = ALL_METHODS
     finetune_epochs: int = 1
+    finetune_subset: Optional[int] = None   # fine-tune on the training part's first N images
     lr: float = 1e-3
     model: Optional[str] = None
     epochs: Optional[int] = None            # training epochs (None: the preset's)
@@ -116,6 +117,7 @@ class StudyConfig:
         need(len(self.methods) >= 1 and len(set(self.methods)) == len(self.methods), "methods must be distinct and non-empty")
         need(self.finetune_epochs >= 0, f"finetune epochs must be >= 0, got {self.finetune_epochs}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.finetune_subset is None or self.finetune_subset >= 1, "finetune subset must be >= 1")
         need(self.val_size >= 10, f"val size must be >= 10, got {self.val_size}")
         need(self.train_subset is None or self.train_subset > self.val_size,
              f"train subset ({self.train_subset}) must exceed the validation size ({self.val_size})")
@@ -430,7 +432,7 @@ def run_study(cfg: StudyConfig) -> Dict[str, Any]:
         with open(config_path) as f:
             old = json.load(f)
         fixed = ("dataset", "model", "epochs", "block_size", "train_subset", "test_subset", "val_size", "threshold",
-                 "readout_epochs", "readout_optimizer", "finetune_epochs", "lr", "classifier_tolerance",
+                 "readout_epochs", "readout_optimizer", "finetune_epochs", "finetune_subset", "lr", "classifier_tolerance",
                  "classifier_scan", "calibration_images", "checkpoints")
         changed = [k for k in fixed if old.get(k) != resumable.get(k)]
         if changed:
@@ -474,7 +476,9 @@ def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
             model = model.to(st.device).eval()
             train_part, val, test, val_info = st.splits(ckpt)
             num_classes = train_part.num_classes
-            train_loader = data.build_loader(train_part, 64, shuffle=True, seed=seed)
+            ft_part = (train_part if cfg.finetune_subset is None
+                       else _range_subset(train_part, 0, min(len(train_part), cfg.finetune_subset)))
+            train_loader = data.build_loader(ft_part, 64, shuffle=True, seed=seed)
             train_plain = data.build_loader(train_part, 256, shuffle=False)
             val_loader = data.build_loader(val, 256, shuffle=False)
             test_loader = data.build_loader(test, 256, shuffle=False)

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="all", help="'all' (andc, magnitude, wanda, random, andc-shuffled, "
                    "structured, structured-activation) or a comma list of those and andc-magnitude")
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs of every pruned model")
+    p.add_argument("--finetune-subset", type=int, default=None,
+                   help="fine-tune every pruned model on the first N training images (same for all methods)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune learning rate")
     p.add_argument("--model", default=None, help="model name (default: the dataset's)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
@@ -68,13 +70,13 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--seeds must be >= 1, got {seeds[0]}")
         seeds = list(range(seeds[0]))
     methods = list(ALL_METHODS) if args.methods.strip() == "all" else _list(args.methods, str, "methods")
-    for what in ("finetune_epochs", "epochs", "train_subset", "test_subset", "block_size", "readout_epochs"):
+    for what in ("finetune_epochs", "finetune_subset", "epochs", "train_subset", "test_subset", "block_size", "readout_epochs"):
         v = getattr(args, what)
         if v is not None and v < (0 if what in ("finetune_epochs", "readout_epochs") else 1):
             raise ConfigError(f"--{what.replace('_', '-')} must be >= {0 if what in ('finetune_epochs', 'readout_epochs') else 1}, got {v}")
     cfg = StudyConfig(out=args.out, dataset=args.dataset, seeds=seeds,
                       densities=_list(args.densities, float, "densities"), methods=methods,
-                      finetune_epochs=args.finetune_epochs, lr=args.lr, model=args.model, epochs=args.epochs,
+                      finetune_epochs=args.finetune_epochs, finetune_subset=args.finetune_subset, lr=args.lr, model=args.model, epochs=args.epochs,
                       block_size=args.block_size, train_subset=args.train_subset, test_subset=args.test_subset,
                       val_size=args.val_size, threshold=args.threshold, readout_epochs=args.readout_epochs,
                       readout_optimizer=args.readout_optimizer, classifier_tolerance=args.classifier_tolerance,
