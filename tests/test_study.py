@@ -69,7 +69,13 @@ def test_holm_and_paired_statistics():
              "images_per_s": 1.0, "linear_density": 0.5}
             for s, (a_m, a_a) in enumerate([(0.80, 0.82), (0.70, 0.73), (0.75, 0.76)])
             for m, a in (("magnitude", a_m), ("andc", a_a))]
-    p = study.summarize_results(rows)["paired"][0]
+    summ = study.summarize_results(rows)
+    p = summ["paired"][0]
+    # andc is more accurate at the same speed here: the frontier is andc's cell alone
+    assert [(c["method"], c["density"]) for c in summ["frontier"]] == [("andc", 0.5)]
+    cells = [{"method": m, "density": 0.5, "accuracy_mean": a, "images_per_s_mean": v}
+             for m, a, v in (("a", 0.9, 100.0), ("b", 0.8, 200.0), ("c", 0.7, 150.0), ("d", 0.9, 50.0))]
+    assert [c["method"] for c in study.pareto_frontier(cells)] == ["b", "a"]
     assert p["mean_diff"] == pytest.approx(0.02)
     from scipy import stats
     assert p["p_value"] == pytest.approx(stats.ttest_rel([0.82, 0.73, 0.76], [0.80, 0.70, 0.75]).pvalue)

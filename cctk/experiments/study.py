@@ -61,7 +61,7 @@ from cctk.prune.scorers import (ALL_METHODS, BLOCK_METHODS, STUDY_METHODS, make_
 from cctk.train import CHECKPOINT_NAME, TrainConfig, evaluate, get_preset, preset_for_dataset, train
 from cctk.train.state import seed_everything
 
-__all__ = ["StudyConfig", "run_study", "summarize_results", "PRIMARY", "RESULT_FIELDS"]
+__all__ = ["StudyConfig", "run_study", "summarize_results", "pareto_frontier", "holm", "PRIMARY", "RESULT_FIELDS"]
 
 PRIMARY = {"method": "andc", "baseline": "magnitude", "density": 0.25,
            "statistic": "test accuracy after fine-tuning, method minus baseline, paired by seed, 95% CI"}
@@ -189,6 +189,17 @@ def holm(pvalues: Sequence[Optional[float]]) -> List[Optional[float]]:
     return adj
 
 
+def pareto_frontier(cells: List[dict]) -> List[dict]:
+    """The cells no other cell beats on both mean accuracy and mean images/s (ties kept),
+    fastest first: where each method sits on the accuracy vs speed frontier."""
+    pts = [c for c in cells if c.get("images_per_s_mean") is not None]
+    front = [c for c in pts if not any(o["accuracy_mean"] >= c["accuracy_mean"] and o["images_per_s_mean"] >= c["images_per_s_mean"]
+                                       and (o["accuracy_mean"] > c["accuracy_mean"] or o["images_per_s_mean"] > c["images_per_s_mean"])
+                                       for o in pts)]
+    return [{"method": c["method"], "density": c["density"], "accuracy_mean": c["accuracy_mean"],
+             "images_per_s_mean": c["images_per_s_mean"]} for c in sorted(front, key=lambda c: -c["images_per_s_mean"])]
+
+
 def summarize_results(rows: List[dict], baseline: str = "magnitude") -> Dict[str, Any]:
     """``cells`` (method x density: n, mean accuracy, 95% t CI, images/s) and ``paired`` (method
     x density minus ``baseline``, paired by seed: mean diff, 95% CI, p, Holm-adjusted p)."""
@@ -225,7 +236,7 @@ def summarize_results(rows: List[dict], baseline: str = "magnitude") -> Dict[str
     for p in paired:
         if p["primary"]:
             p["p_holm"] = p["p_value"]  # the one question fixed in advance: no correction
-    return {"cells": cells, "paired": paired,
+    return {"cells": cells, "paired": paired, "frontier": pareto_frontier(cells),
             "multiple_comparisons": "Holm step-down over the secondary comparisons (every method x "
                                     "density against the baseline except the primary one); p-values "
                                     "from two-sided paired t-tests over seeds"}
@@ -564,6 +575,10 @@ def write_study_report(out: str, summary: Dict[str, Any]) -> str:
                 err = [[y - (c["ci95"][0] if c["ci95"][0] is not None else y) for y, c in zip(ys, cs)],
                        [(c["ci95"][1] if c["ci95"][1] is not None else y) - y for y, c in zip(ys, cs)]]
                 ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=m)
+            if xkey != "density" and summary.get("frontier"):
+                fr = sorted(summary["frontier"], key=lambda c: c["images_per_s_mean"])
+                ax.plot([c["images_per_s_mean"] for c in fr], [c["accuracy_mean"] for c in fr], "k--", lw=1,
+                        label="Pareto frontier")
             ax.set_xlabel("target density" if xkey == "density" else "images/s (cctk.optimize)")
             ax.set_ylabel("test accuracy after fine-tuning")
             ax.set_title(title + " (mean, 95% CI over seeds)")
@@ -578,7 +593,11 @@ def write_study_report(out: str, summary: Dict[str, Any]) -> str:
         parts.append(f"<tr><td>{p['method']}</td><td>{p['density']}</td><td>{p['n']}</td><td>{fmt(p['mean_diff'])}</td>"
                      f"<td>[{fmt(p['ci95'][0])}, {fmt(p['ci95'][1])}]</td><td>{fmt(p['p_value'])}</td>"
                      f"<td>{fmt(p.get('p_holm'))}</td><td>{'yes' if p['primary'] else ''}</td></tr>")
-    parts.append("</table><h2>Cells</h2><table border=1><tr><th>method</th><th>density</th><th>n</th>"
+    parts.append("</table><h2>Accuracy vs images/s: the Pareto frontier</h2><p>"
+                 + (", ".join(f"{html.escape(c['method'])} at {c['density']} ({c['accuracy_mean']:.4f}, "
+                              f"{c['images_per_s_mean']:.0f} images/s)" for c in summary.get("frontier", []))
+                    or "no timings") + "</p>")
+    parts.append("<h2>Cells</h2><table border=1><tr><th>method</th><th>density</th><th>n</th>"
                  "<th>accuracy</th><th>95% CI</th><th>before fine-tune</th><th>images/s</th><th>linear density</th></tr>")
     for c in cells:
         parts.append(f"<tr><td>{c['method']}</td><td>{c['density']}</td><td>{c['n']}</td><td>{fmt(c['accuracy_mean'])}</td>"
