@@ -139,6 +139,9 @@ class StudyConfig:
             data.dataset_info(self.dataset)
         except (KeyError, ValueError) as exc:
             raise ConfigError(str(exc.args[0] if exc.args else exc)) from exc
+        if not self.checkpoints:
+            # missing or corrupt data fails here (DataError: exit 2), before anything is written
+            data.get_dataset(self.dataset, "train", data_dir=self.data_dir)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
