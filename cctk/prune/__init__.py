@@ -11,6 +11,17 @@ Typical use::
     convert_to_andc(pruned)
     save_pruned(pruned, plan, "runs/pruned/checkpoint.pt")
 
+One API for every method (:mod:`cctk.prune.scorers`): a scorer scores blocks (or nodes), one
+function turns block scores into masks and a PrunePlan, one turns node scores into a smaller
+dense CCT::
+
+    from cctk.prune import make_scorer, make_node_scorer, prune_blocks, prune_nodes
+    scorer = make_scorer("wanda", calibration=[x for x, _ in train_loader][:4])  # or andc, magnitude,
+    pruned, plan = prune_blocks(model, scorer, density=0.25, block_size=16)     # random, andc-shuffled
+    small, kept = prune_nodes(model, make_node_scorer("snp", sets=sets, calibration=calib), 0.25)
+
+``cctk study`` (:mod:`cctk.experiments.study`) compares them all over seeds.
+
 Command line::
 
     cctk snp   --checkpoint runs/digits/checkpoint.pt --out runs/digits_snp
