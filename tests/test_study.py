@@ -62,6 +62,18 @@ def test_study_resumes_without_redoing_cells(digits_study):
     assert _rows(digits_study) == before  # nothing redone, nothing lost
 
 
+def test_resumed_study_equals_uninterrupted_one(digits_study, tmp_path):
+    """Cells run in another sitting (after a resume) give the same models as in one sitting."""
+    out = str(tmp_path / "r")
+    one_seed = [a if a != "2" else "0," for a in TINY]  # --seeds "0,": seed 0 only
+    assert main(one_seed + ["--methods", "random", "--out", out]) == 0
+    assert main(one_seed + ["--methods", "random,magnitude", "--out", out]) == 0
+    full = {r["method"]: r for r in _rows(digits_study) if r["seed"] == "0"}
+    for r in _rows(out):
+        assert r["model_digest"] == full[r["method"]]["model_digest"], r["method"]
+        assert r["accuracy"] == full[r["method"]]["accuracy"]
+
+
 def test_holm_and_paired_statistics():
     adj = study.holm([0.01, 0.04, None, 0.03])
     assert adj == pytest.approx([0.03, 0.06, None, 0.06])
