@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ReadoutConfig", "make_readouts", "train_readouts", "train_readouts_streaming",
-           "readout_accuracy"]
+__all__ = ["ReadoutConfig", "SeqPoolReadout", "make_readouts", "make_seqpool_readouts", "train_readouts",
+           "train_readouts_streaming", "readout_accuracy"]
 
 
 class ReadoutConfig:
@@ -81,12 +81,49 @@ def make_readouts(feature_dims: dict, num_classes: int, device=None, bias: bool 
     return readouts
 
 
+class SeqPoolReadout(nn.Module):
+    """Sequence-pooling readout (the group's transformer follow-up, as CCT's own head): on a
+    group's token features h (B, T, N), w_t = softmax_t(h_t . a + a_0), z = sum_t w_t h_t,
+    logits = W z (+ b). Takes the flattened (B, T * N) token features. Zero-initialised: it
+    starts as the token mean (the ``pooled`` readout). ``pool`` gives z; the node fields are
+    f_{n,c}(x) = W[c, n] z_n(x), analysed like ``pooled``'s (means of z per label)."""
+
+    def __init__(self, tokens: int, nodes: int, num_classes: int, bias: bool = True, device=None):
+        super().__init__()
+        self.tokens, self.nodes = int(tokens), int(nodes)
+        self.attention = nn.Linear(nodes, 1, device=device)
+        self.fc = nn.Linear(nodes, num_classes, bias=bias, device=device)
+        for p in self.parameters():
+            nn.init.zeros_(p)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.fc.weight
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.view(x.shape[0], self.tokens, self.nodes)
+        w = torch.softmax(self.attention(h).squeeze(-1), dim=1)
+        return torch.einsum("bt,btn->bn", w, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(x))
+
+
+def make_seqpool_readouts(node_counts: dict, tokens: int, num_classes: int, device=None, bias: bool = True) -> dict:
+    """One zero-initialised :class:`SeqPoolReadout` per key ({key: nodes N})."""
+    return {k: SeqPoolReadout(tokens, n, num_classes, bias=bias, device=device) for k, n in node_counts.items()}
+
+
 def train_readouts(features: dict, labels: torch.Tensor, num_classes: int,
-                   config: Optional[ReadoutConfig] = None, device=None) -> dict:
-    """Train one readout per key of ``features`` ({key: (n, F) tensor}) on ``labels`` (n,)."""
+                   config: Optional[ReadoutConfig] = None, device=None,
+                   readouts: Optional[dict] = None) -> dict:
+    """Train one readout per key of ``features`` ({key: (n, F) tensor}) on ``labels`` (n,):
+    linear readouts (:func:`make_readouts`), or the given ``readouts`` modules (e.g.
+    :func:`make_seqpool_readouts`)."""
     config = config or ReadoutConfig()
     device = torch.device(device) if device is not None else torch.device("cpu")
-    readouts = make_readouts({k: f.shape[1] for k, f in features.items()}, num_classes, device, config.bias)
+    if readouts is None:
+        readouts = make_readouts({k: f.shape[1] for k, f in features.items()}, num_classes, device, config.bias)
     labels = labels.to(torch.int64)
     n = labels.numel()
     if n == 0 or config.epochs == 0:
@@ -102,7 +139,8 @@ def train_readouts(features: dict, labels: torch.Tensor, num_classes: int,
                 opt.zero_grad()
                 loss = F.cross_entropy(lin(x), y)
                 if config.weight_decay:
-                    loss = loss + 0.5 * config.weight_decay * lin.weight.pow(2).sum()
+                    loss = loss + 0.5 * config.weight_decay * sum(p.pow(2).sum() for p in lin.parameters()
+                                                                  if p.dim() == 2)
                 loss.backward()
                 return loss
 
