@@ -100,6 +100,7 @@ def test_holm_and_paired_statistics():
     (["--dataset", "nope"], "nope"),
     (["--val-size", "200"], "validation"),
     (["--finetune-subset", "0"], "finetune-subset"),
+    (["--device", "bogus"], "device"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/cctk-data"], "cifar10"),  # missing data
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, bad, msg):

@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     from cctk.experiments.study import StudyConfig, run_study
     from cctk.prune.scorers import ALL_METHODS
 
+    if args.device is not None:
+        from cctk.train import resolve_device
+        resolve_device(args.device)   # an unknown or absent device is a ConfigError
     seeds = _list(args.seeds, int, "seeds")
     if len(seeds) == 1 and "," not in args.seeds:
         if seeds[0] < 1:
