@@ -276,7 +276,10 @@ class _Study:
                                   f"than that (val size {cfg.val_size})")
             fields: Dict[str, Any] = dict(out=train_dir, seed=seed, data_dir=cfg.data_dir, device=str(self.device),
                                           verbose=cfg.verbose, progress=cfg.progress,
-                                          train_subset=pool - cfg.val_size, test_subset=cfg.test_subset)
+                                          train_subset=pool - cfg.val_size, test_subset=cfg.test_subset,
+                                          # the test split is read once, after the last epoch (no
+                                          # per-epoch test accuracy for anyone to look at)
+                                          eval_every=10 ** 6)
             if os.path.isfile(ckpt_path):
                 fields["resume"] = "auto"
             if cfg.epochs is not None:
