@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-import time
 import warnings
 
 import pytest
@@ -39,6 +38,7 @@ import torch
 
 import cctk
 from cctk.models import create_model
+from cctk.timing import images_per_s, interleaved_times
 from cctk.prune import PrunePlan, apply_masks, convert_to_andc, encoder_linear_names
 from cctk.prune.masks import block_grid
 from cctk.prune.structured import node_fraction_keep, remove_nodes
@@ -53,7 +53,7 @@ PROVIDERS = (
     + [("structured", "OpenVINO"), ("structured", "cctk.optimize")]
     + [("pruned", "cctk eager"), ("pruned", "cctk.optimize"), ("pruned", "cctk.optimize+compile")]
 )
-FULL_ONLY = {("pruned", "cctk.optimize+compile")}
+FULL_ONLY: set = set()  # every provider runs by default
 _GROUPS: dict = {}
 PEAKS: dict = {}
 
@@ -234,13 +234,8 @@ def _group(g, full):
         tol = 1e-3 * max(1.0, ref.abs().max().item()) if dtype == torch.float32 else 0.05 * max(1.0, ref.abs().max().item())
         assert err <= tol, f"{p}: logits differ from the fp32 reference by {err:.3g} (> {tol:.3g})"
         runs[p] = run
-    times = {p: [] for p in runs}
-    for _ in range(ROUNDS):
-        for p, run in runs.items():
-            t = time.perf_counter()
-            run(x)
-            times[p].append(time.perf_counter() - t)
-    best = {p: batch / min(ts) for p, ts in times.items()}
+    times = interleaved_times({p: (lambda run=run: run(x)) for p, run in runs.items()}, rounds=ROUNDS, warmup=0)
+    best = {p: images_per_s(ts, batch) for p, ts in times.items()}
     dense = {p: v for p, v in best.items() if p[0] == "dense"}
     best_dense = max(dense, key=dense.get) if dense else None
     _GROUPS[g] = dict(runs=runs, skipped=skipped, times=times, images_per_s=best, best_dense=best_dense, x=x)
@@ -277,20 +272,14 @@ def machine_peaks() -> dict:
     for dt in (torch.float32, torch.bfloat16):
         a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
         torch.mm(a, b)
-        best = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
+        best = min(interleaved_times({"mm": lambda: torch.mm(a, b)}, rounds=5)["mm"])
         PEAKS[f"mm_{str(dt).replace('torch.', '')}_gflops"] = 2 * n ** 3 / best / 1e9
     src = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
+    best = min(interleaved_times({"copy": lambda: dst.copy_(src)}, rounds=5)["copy"])
     PEAKS["copy_gbps"] = 2 * src.numel() * 4 / best / 1e9  # read + write
     return PEAKS
-
-
-def _timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def summary_lines() -> list[str]:

@@ -28,7 +28,7 @@ import sys
 
 import pytest
 
-RATIO_KEYS = ("speedup_vs_dense", "ratio_vs_plain", "ratio_vs_best_dense")
+RATIO_KEYS = ("speedup_vs_dense", "ratio_vs_plain", "ratio_vs_best_dense", "speedup_vs_sdpa")
 
 
 def pytest_addoption(parser):

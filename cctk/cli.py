@@ -239,6 +239,8 @@ def positive(what: str, value, allow_none: bool = True) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from cctk import data
     from cctk.train import (ConfigError, check_model_input, evaluate, load_checkpoint,
                             resolve_amp, resolve_device)
@@ -285,13 +287,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(ds) == 0:
         raise ConfigError(f"dataset {name!r} split {args.split!r} holds no images")
     loader = data.build_loader(ds, args.batch_size, shuffle=False, num_workers=args.num_workers)
-    amp_dtype = resolve_amp(args.amp, device)
+    from cctk.optimize import optimize
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    name_of_model = model.config.get("name")
+    if args.optimize:
+        # the way to run a trained or pruned model: cctk.optimize (fused kernels, weights in dtype)
+        model = optimize(model, dtype=dtype)
+    elif dtype != torch.float32:
+        model = model.to(dtype)
+    amp_dtype = resolve_amp(args.amp, device) if dtype == torch.float32 else None
     result = evaluate(model, loader, device, amp_dtype)
     report = {"checkpoint": os.path.abspath(args.checkpoint),
-              "model": model.config.get("name"), "dataset": name, "split": args.split,
+              "model": name_of_model, "dataset": name, "split": args.split,
               "img_size": ds.img_size, "samples": result["n"], "accuracy": result["accuracy"],
-              "loss": result["loss"], "trained_epochs": ckpt.get("epoch")}
-    print(f"{report['model']} on {name}/{args.split} ({result['n']} images): accuracy "
+              "loss": result["loss"], "trained_epochs": ckpt.get("epoch"), "dtype": args.dtype,
+              "optimized": bool(args.optimize)}
+    print(f"{report['model']} ({args.dtype}{', cctk.optimize' if args.optimize else ''}) on {name}/{args.split} "
+          f"({result['n']} images): accuracy "
           f"{result['accuracy']:.4f}, loss {result['loss']:.4f}")
     if args.out:
         from cctk.checkpoint import atomic_write_text
@@ -322,7 +335,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate on the first N images only")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; None: cuda when available")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                   help="mixed precision for the forward pass")
+                   help="mixed precision for the forward pass (float32 only)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights and activations; bfloat16 is the fast CPU inference type")
+    p.add_argument("--no-optimize", dest="optimize", action="store_false",
+                   help="run the model as loaded instead of through cctk.optimize (fused kernels)")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--out", default=None, metavar="JSON", help="also write the result to JSON")
 

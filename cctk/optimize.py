@@ -14,13 +14,17 @@ rounding):
 * the convolutional tokenizer in channels-last memory: conv -> ReLU -> max-pool run on NHWC,
   where torch's CPU max-pool is ~10x faster than on NCHW, and the flatten to (B, T, d) tokens
   becomes a free view; each stage's ReLU moves after its max-pool (exact: max commutes with a
-  non-decreasing function, and the pool's padding is -inf), so it touches 4x fewer values;
+  non-decreasing function, and the pool's padding is -inf), so it touches 4x fewer values; on
+  the CPU each stage runs as one ``cctk::conv_relu_maxpool`` pass that never writes the
+  full-resolution feature map (``fuse_tokenizer``);
 * attention through ``cctk.ops.attention`` (the fused CPU kernel; SDPA where it has none) -- the
   model's inference path does this by itself when autograd is off;
 * in every CCT encoder layer, the GELU and both residual adds as epilogues of the linears
   (``ANDCLinear``: inside the block-sparse kernel; ``nn.Linear``: the plain ops);
 * every last-dimension ``nn.LayerNorm`` as ``cctk.nn.LayerNorm`` (same parameters; inference runs
   the ``cctk::layer_norm`` kernel);
+* every ``ANDCLinear`` calls its compiled op directly and keeps its weights pre-packed in the
+  kernel's layout (``ANDCLinear.prepack``: no packing per call);
 * ``compile=True``: ``torch.compile`` of the result (cctk's ops are torch.library ops with fake
   kernels, so the graph has no breaks).
 
@@ -35,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from cctk.models.cct import CCT, Tokenizer, TransformerEncoderLayer
+from cctk.nn.andc_linear import ANDCLinear
 from cctk.nn.layer_norm import LayerNorm
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -68,11 +73,15 @@ def _relu_after_pool(tokenizer: Tokenizer) -> None:
 
 
 def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, compile: bool = False,
-             channels_last: bool = True, fuse_epilogues: bool = True, inplace: bool = False) -> nn.Module:
+             channels_last: bool = True, fuse_epilogues: bool = True, fuse_tokenizer: bool = True,
+             inplace: bool = False) -> nn.Module:
     """Return ``model`` prepared for fast inference in ``dtype`` (see the module doc).
 
     ``inplace=False`` (default) works on a deep copy. ``compile=True`` returns
-    ``torch.compile(model)`` (the optimized module stays reachable as ``._orig_mod``).
+    ``torch.compile(model)`` (the optimized module stays reachable as ``._orig_mod``). The result
+    is a frozen inference model: to change its weights, change the original and optimize again
+    (eager results notice an in-place change of pre-packed weights and repack on the fly; a
+    compiled graph keeps the pack it was traced with).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"cctk.optimize expects an nn.Module, got {type(model).__name__}")
@@ -90,17 +99,21 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, compile: 
     for sub in m.modules():
         if isinstance(sub, Tokenizer):
             _relu_after_pool(sub)
+            sub.fused = fuse_tokenizer
             if channels_last:
                 sub.to(memory_format=torch.channels_last)
         if isinstance(sub, TransformerEncoderLayer):
             sub.fused_epilogues = fuse_epilogues
+        if isinstance(sub, ANDCLinear):
+            sub.inference_fast = True
+            sub.prepack()
     for parent in list(m.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.LayerNorm and len(child.normalized_shape) == 1:
                 setattr(parent, name, LayerNorm.from_torch(child))
     m.register_forward_pre_hook(_CastInput(dtype, channels_last and is_cct))
     m._cctk_optimized = dict(dtype=str(dtype).replace("torch.", ""), channels_last=channels_last,
-                             fuse_epilogues=fuse_epilogues, compile=compile)
+                             fuse_epilogues=fuse_epilogues, fuse_tokenizer=fuse_tokenizer, compile=compile)
     if compile:
         return torch.compile(m, dynamic=False, fullgraph=True)
     return m

@@ -437,3 +437,23 @@ def test_double_backward_is_exact_or_refused(backend):
     (g2,) = torch.autograd.grad(F.linear(x2, w, mod.bias.detach()).pow(2).sum(), x2, create_graph=True)
     g2.pow(2).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+def test_malformed_index_is_refused_by_every_backend(backend):
+    """One rule for every backend: negative / out-of-range block columns and a non-monotone or
+    misanchored crow are an error, never a silent out-of-range gather."""
+    if backend == "ext" and not HAS_EXT:
+        pytest.skip("compiled extension not built")
+    mod = ANDCLinear(64, 64, 32, torch.ones(2, 2, dtype=torch.bool))
+    x = torch.randn(3, 64)
+    v, crow, col = mod.values.detach(), mod.crow_indices, mod.col_indices
+    bad = {
+        "negative col": (crow, torch.tensor([0, -1, 0, 1], dtype=torch.int32)),
+        "col too large": (crow, torch.tensor([0, 1, 0, 2], dtype=torch.int32)),
+        "non-monotone crow": (torch.tensor([0, 5, 4], dtype=torch.int32), col),
+        "crow not ending at nnz": (torch.tensor([0, 2, 3], dtype=torch.int32), col),
+    }
+    for name, (c, k) in bad.items():
+        with pytest.raises((ValueError, RuntimeError), match="index|outside|monotone|must start"):
+            bsr_linear(x, v, c, k, None, 64, backend=backend)

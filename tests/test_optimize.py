@@ -323,3 +323,88 @@ def test_cctk_layer_norm_module_is_a_drop_in():
     assert x.grad is not None and ln.weight.grad is not None
     with pytest.raises(ValueError, match="last dimension only"):
         LayerNorm.from_torch(nn.LayerNorm((4, 24)))
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 3, 32, 256, 3, 1, 1), (3, 1, 8, 64, 3, 1, 1), (2, 3, 37, 32, 7, 2, 3),
+                                   (1, 5, 11, 40, 3, 1, 1)])
+def test_conv_relu_maxpool_matches_reference(shape, dtype):
+    from cctk.ops.conv_pool import conv_relu_maxpool, conv_relu_maxpool_ref
+    B, C, H, Co, k, s, p = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, H, H + 2, generator=g).to(dtype)
+    w = (torch.randn(Co, C, k, k, generator=g) * 0.3).to(dtype)
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):  # NCHW and NHWC inputs
+        y = conv_relu_maxpool(xin, w, s, p, 3, 2, 1)
+        want = conv_relu_maxpool_ref(x.double(), w.double(), s, p, 3, 2, 1)
+        assert y.shape == want.shape and y.dtype == dtype
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=4e-2, rtol=1e-2)
+        torch.testing.assert_close(y.double(), want, **tol)
+
+
+def test_conv_relu_maxpool_bad_input_and_opcheck():
+    from cctk.ops.conv_pool import conv_relu_maxpool
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(16, 3, 3, 3)
+    with pytest.raises(ValueError, match="images"):
+        conv_relu_maxpool(x[0], w)
+    with pytest.raises(ValueError, match="weight must be"):
+        conv_relu_maxpool(x, torch.randn(16, 2, 3, 3))
+    with pytest.raises(TypeError, match="one dtype"):
+        conv_relu_maxpool(x, w.double())
+    with pytest.raises(ValueError, match="stride"):
+        conv_relu_maxpool(x, w, stride=0)
+    with pytest.raises(ValueError, match="too small"):
+        conv_relu_maxpool(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 7, 7))
+    with pytest.raises(ValueError, match="pool_padding"):
+        conv_relu_maxpool(x, w, pool_kernel=2, pool_padding=2)
+    if HAS_EXT:
+        torch.library.opcheck(torch.ops.cctk.conv_relu_maxpool.default, (x, w, 1, 1, 3, 2, 1))
+        with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+            torch.ops.cctk.conv_relu_maxpool(x.double(), w.double(), 1, 1, 3, 2, 1)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
+def test_optimized_tokenizer_runs_the_fused_stage(monkeypatch):
+    import cctk.models.cct as cct_mod
+    calls = []
+    real = cct_mod.conv_relu_maxpool
+    monkeypatch.setattr(cct_mod, "conv_relu_maxpool", lambda *a: calls.append(a[2:]) or real(*a))
+    torch.manual_seed(0)
+    m = create_model("cct_7_7x2_224", num_classes=5, img_size=64).eval()  # two 7x7 stride-2 stages
+    fast = cctk.optimize(m, dtype=torch.float32)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-4, rtol=1e-4)
+    assert calls == [(2, 3, 3, 2, 1), (2, 3, 3, 2, 1)]
+    assert fast.tokenizer.fused_stages() is not None
+    with torch.enable_grad():  # autograd on: the torch modules, not the forward-only kernel
+        calls.clear()
+        fast(x)
+        assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [16, 32, 64])
+def test_prepacked_weights_equal_on_the_fly_packing(B, dtype):
+    from cctk.ops.bsr_linear import bsr_pack_ref
+    m = _sparse(130, 70, B, dtype)
+    packed = torch.ops.cctk.bsr_pack(m.values.detach())
+    assert torch.equal(packed, bsr_pack_ref(m.values.detach()))
+    torch.library.opcheck(torch.ops.cctk.bsr_pack.default, (m.values.detach(),))
+    x, r = torch.randn(37, 70).to(dtype), torch.randn(37, 130).to(dtype)
+    with torch.no_grad():
+        plain = m.forward_epilogue(x, activation="gelu", residual=r)
+        m.inference_fast = True
+        assert m.prepack()
+        fast = m.forward_epilogue(x, activation="gelu", residual=r)
+        assert torch.equal(fast, plain)
+        m.values.mul_(2.0)  # the weights change: the pack is retired, never used stale
+        torch.testing.assert_close(m.forward_epilogue(x).double(), _want(m, x, "none", None), **TOL[dtype])
+        assert m._packed is None
+    with pytest.raises(RuntimeError, match="bsr_pack"):
+        torch.ops.cctk.bsr_linear_epilogue(x, m.values.detach(), m.crow_indices, m.col_indices, None, 130, "none",
+                                           None, packed[:1])

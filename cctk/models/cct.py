@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from cctk.nn.fused import linear_gelu, linear_residual
 from cctk.ops.attention import attention as cctk_attention
+from cctk.ops.conv_pool import conv_relu_maxpool
 
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
 
@@ -138,6 +139,9 @@ class Tokenizer(nn.Module):
         self.flattener = nn.Flatten(2, 3)
         self._geometry = (n_conv_layers, kernel_size, stride, padding, max_pool,
                           pooling_kernel_size, pooling_stride, pooling_padding)
+        # set by cctk.optimize: on the CPU without autograd, each conv -> ReLU -> max-pool stage
+        # runs as one cctk::conv_relu_maxpool pass (see fused_stages)
+        self.fused = False
         self.apply(self.init_weight)
 
     def output_hw(self, height: int, width: int) -> tuple[int, int]:
@@ -153,7 +157,35 @@ class Tokenizer(nn.Module):
         h, w = self.output_hw(height, width)
         return h * w
 
+    def fused_stages(self):
+        """Per stage (conv weight, stride, padding, pool kernel, pool stride, pool padding) when
+        every stage is Conv2d (no bias, square, groups 1, dilation 1) + ReLU + MaxPool2d (square,
+        no dilation or ceil mode) in either order of ReLU and pool; else None."""
+        stages = []
+        for stage in self.conv_layers:
+            mods = list(stage) if isinstance(stage, nn.Sequential) else []
+            convs = [m for m in mods if isinstance(m, nn.Conv2d)]
+            pools = [m for m in mods if isinstance(m, nn.MaxPool2d)]
+            relus = [m for m in mods if isinstance(m, nn.ReLU)]
+            if len(mods) != 3 or len(convs) != 1 or len(pools) != 1 or len(relus) != 1 or mods[0] is not convs[0]:
+                return None
+            c, p = convs[0], pools[0]
+            square = lambda v: v[0] if isinstance(v, tuple) and len(set(v)) == 1 else v  # noqa: E731
+            geo = [square(c.stride), square(c.padding), square(p.kernel_size), square(p.stride), square(p.padding)]
+            if (c.bias is not None or c.groups != 1 or square(c.dilation) != 1 or c.kernel_size[0] != c.kernel_size[1]
+                    or not all(isinstance(g, int) for g in geo) or isinstance(c.padding, str)
+                    or p.dilation not in (1, (1, 1)) or p.ceil_mode or p.return_indices):
+                return None
+            stages.append((c.weight, *geo))
+        return stages
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.device.type == "cpu" and not torch.is_grad_enabled():
+            stages = self.fused_stages()
+            if stages is not None:
+                for weight, s, p, pk, ps, pp in stages:
+                    x = conv_relu_maxpool(x, weight, s, p, pk, ps, pp)
+                return self.flattener(x).transpose(-2, -1)
         return self.flattener(self.conv_layers(x)).transpose(-2, -1)
 
     @staticmethod

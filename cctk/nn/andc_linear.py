@@ -9,11 +9,13 @@ fine-tuning (they have no parameter to receive a gradient).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
 
-from cctk.ops.bsr_linear import (BACKENDS, _check_mask, _resolve_backend, bsr_linear, bsr_linear_epilogue,
+from cctk import _ext
+from cctk.ops.bsr_linear import (BACKENDS, _check_mask, bsr_linear, bsr_linear_epilogue,
                                  bsr_to_dense, bsr_transpose_index, check_block_size, dense_to_bsr)
 
 _INDEX_BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices", "block_perm")
@@ -28,25 +30,6 @@ def _layout_from_mask(mask: torch.Tensor):
     col = mask.nonzero()[:, 1].to(torch.int32).contiguous()
     ccol, row, perm = bsr_transpose_index(crow, col, nbc)
     return {"crow_indices": crow, "col_indices": col, "ccol_indices": ccol, "row_indices": row, "block_perm": perm}
-
-
-class _FirstOrderOnly(torch.autograd.Function):
-    """Identity whose backward refuses ``create_graph=True``: the compiled and Triton backward
-    kernels have no autograd of their own, so a double backward through them would silently
-    give zero gradients (gradient penalties, Hessian-vector products)."""
-
-    @staticmethod
-    def forward(ctx, y, backend):
-        ctx.backend = backend
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError(f"ANDCLinear: double backward (create_graph=True) is not supported by "
-                               f"the {ctx.backend!r} backend; set layer.backend = 'torch' for "
-                               f"higher-order gradients")
-        return grad, None
 
 
 class ANDCLinear(nn.Module):
@@ -84,6 +67,10 @@ class ANDCLinear(nn.Module):
         self.out_features = out_features
         self.block_size = block_size
         self._backend = "auto"
+        # set by cctk.optimize: CPU inference calls the compiled op directly (the layout was
+        # validated when the layer was built or loaded; shapes are checked by the kernel)
+        self.inference_fast = False
+        self._packed = None  # (packed weights, weakref to the values they came from, its version): prepack()
         mask = block_mask.detach().to(device=device, dtype=torch.bool).clone()
         self.register_buffer("mask", mask)
         for name, t in _layout_from_mask(mask).items():
@@ -148,32 +135,62 @@ class ANDCLinear(nn.Module):
         return self.ccol_indices, self.row_indices, self.block_perm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and self._direct(x):
+            return self.forward_epilogue(x)
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"ANDCLinear expects x of shape (..., {self.in_features}), got "
                              f"{tuple(getattr(x, 'shape', ()))}")
-        y = bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
-                       backend=self._backend, transposed_index=self.transposed_index())
-        return self._first_order_only(y, x)
+        return bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
+                          backend=self._backend, transposed_index=self.transposed_index())
 
-    def _first_order_only(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y``, refusing a later double backward on backends without second-order autograd."""
-        if y.requires_grad:
-            backend = _resolve_backend(self._backend, x.device)
-            if backend != "torch":
-                y = _FirstOrderOnly.apply(y, backend)
-        return y
+    def prepack(self) -> bool:
+        """Pack the forward weights into the CPU kernel's layout once (``cctk::bsr_pack``), for
+        inference: later forwards skip the per-call packing (most of a batch-1 call's overhead).
+        The pack is used only while ``values`` is the same tensor at the same version (any
+        update, ``.to()`` or ``load_state_dict`` retires it). Returns whether a pack was made."""
+        if self.values.device.type != "cpu" or not _ext.available() or self.values.dtype not in (torch.float32,
+                                                                                                 torch.bfloat16):
+            self._packed = None
+            return False
+        with torch.no_grad():
+            packed = torch.ops.cctk.bsr_pack(self.values.detach())
+        self._packed = (packed, weakref.ref(self.values), self.values._version)
+        return True
+
+    def _packed_weights(self):
+        if self._packed is None:
+            return None
+        packed, ref, version = self._packed
+        if torch.compiler.is_compiling():
+            # a compiled graph takes the pack as it is: cctk.optimize(compile=True) models are frozen
+            # (change their weights in place and the graph keeps the old pack; optimize again)
+            return packed if ref() is self.values else None
+        if ref() is not self.values or self.values._version != version:
+            self._packed = None  # stale: the weights changed since prepack()
+            return None
+        return packed
+
+    def _direct(self, x: torch.Tensor) -> bool:
+        return (self.inference_fast and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and self._backend in ("auto", "ext") and x.dtype == self.values.dtype and x.dim() >= 1
+                and x.shape[-1] == self.in_features and _ext.available())
 
     def forward_epilogue(self, x: torch.Tensor, activation: str = "none",
                          residual: torch.Tensor | None = None) -> torch.Tensor:
         """``activation(self(x)) + residual`` in one kernel where the backend has the fused
         epilogue (``cctk.ops.bsr_linear_epilogue``); activation ``"none"`` or ``"gelu"``."""
+        if self._direct(x) and (residual is None or residual.shape == x.shape[:-1] + (self.out_features,)):
+            r2 = None if residual is None else residual.reshape(-1, self.out_features)
+            y = torch.ops.cctk.bsr_linear_epilogue(x.reshape(-1, self.in_features).contiguous(), self.values,
+                                                   self.crow_indices, self.col_indices, self.bias,
+                                                   self.out_features, activation, r2, self._packed_weights())
+            return y.reshape(x.shape[:-1] + (self.out_features,))
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"ANDCLinear expects x of shape (..., {self.in_features}), got "
                              f"{tuple(getattr(x, 'shape', ()))}")
-        y = bsr_linear_epilogue(x, self.values, self.crow_indices, self.col_indices, self.bias,
-                                self.out_features, activation=activation, residual=residual,
-                                backend=self._backend, transposed_index=self.transposed_index())
-        return self._first_order_only(y, x)
+        return bsr_linear_epilogue(x, self.values, self.crow_indices, self.col_indices, self.bias,
+                                   self.out_features, activation=activation, residual=residual,
+                                   backend=self._backend, transposed_index=self.transposed_index())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cctk import _ext
 from cctk.ops.layer_norm import layer_norm
 
 
@@ -27,4 +28,7 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or (self.weight is not None and self.weight.requires_grad)):
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if (x.device.type == "cpu" and _ext.available() and x.dim() >= 1 and x.shape[-1] == self.normalized_shape[0]
+                and (self.weight is None or self.weight.dtype == x.dtype)):
+            return torch.ops.cctk.layer_norm(x, self.weight, self.bias, self.eps)  # checked here; the kernel checks too
         return layer_norm(x, self.weight, self.bias, self.eps)

@@ -21,3 +21,7 @@ __all__ += ["attention", "attention_ref"]
 from cctk.ops.layer_norm import layer_norm, layer_norm_ref  # noqa: E402
 
 __all__ += ["layer_norm", "layer_norm_ref"]
+
+from cctk.ops.conv_pool import conv_relu_maxpool, conv_relu_maxpool_ref  # noqa: E402
+
+__all__ += ["conv_relu_maxpool", "conv_relu_maxpool_ref"]

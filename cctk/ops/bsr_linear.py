@@ -161,8 +161,10 @@ _op_backward_weight = define("bsr_linear_backward_weight(Tensor grad_out, Tensor
                              "Tensor col_indices, int block_size) -> Tensor", bsr_linear_backward_weight_ref)
 
 
-def bsr_linear_epilogue_ref(x, values, crow_indices, col_indices, bias, out_features, activation, residual):
-    """``GELU?(x @ W^T + bias) (+ residual)``: the reference of the fused-epilogue forward."""
+def bsr_linear_epilogue_ref(x, values, crow_indices, col_indices, bias, out_features, activation, residual,
+                            packed=None):
+    """``GELU?(x @ W^T + bias) (+ residual)``: the reference of the fused-epilogue forward
+    (``packed``, the kernel's own copy of the weights, is not needed here)."""
     y = bsr_linear_ref(x, values, crow_indices, col_indices, bias, out_features)
     if activation == "gelu":
         y = F.gelu(y)
@@ -172,14 +174,40 @@ def bsr_linear_epilogue_ref(x, values, crow_indices, col_indices, bias, out_feat
 
 
 _op_epilogue = define("bsr_linear_epilogue(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
-                      "Tensor? bias, int out_features, str activation, Tensor? residual) -> Tensor",
+                      "Tensor? bias, int out_features, str activation, Tensor? residual, Tensor? packed=None) -> Tensor",
                       bsr_linear_epilogue_ref)
 
 
 @torch.library.register_fake("cctk::bsr_linear_epilogue")
-def _bsr_linear_epilogue_fake(x, values, crow_indices, col_indices, bias, out_features, activation, residual):
+def _bsr_linear_epilogue_fake(x, values, crow_indices, col_indices, bias, out_features, activation, residual,
+                              packed=None):
     torch._check(x.dim() == 2, lambda: "cctk::bsr_linear_epilogue: x must be 2-D")
     return x.new_empty((x.shape[0], out_features))
+
+
+def bsr_pack_ref(values: torch.Tensor) -> torch.Tensor:
+    """The forward weights in the CPU kernel's layout: bf16 -> int32 (nnz, B/2, B), entry
+    [e, p, o] = (W^T[2p, o] low half, W^T[2p+1, o] high half) of block e; fp32 -> (nnz, B, B)
+    holding W^T of each block; other dtypes -> empty (the kernels pack on the fly)."""
+    if values.dtype == torch.bfloat16:
+        wt = values.transpose(1, 2).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF  # (nnz, k, o)
+        return (wt[:, 0::2] | (wt[:, 1::2] << 16)).contiguous()
+    if values.dtype == torch.float32:
+        return values.transpose(1, 2).contiguous()
+    return values.new_empty(0, dtype=torch.float32)
+
+
+_op_pack = define("bsr_pack(Tensor values) -> Tensor", bsr_pack_ref)
+
+
+@torch.library.register_fake("cctk::bsr_pack")
+def _bsr_pack_fake(values):
+    n, B = values.shape[0], values.shape[-1]
+    if values.dtype == torch.bfloat16:
+        return values.new_empty((n, B // 2, B), dtype=torch.int32)
+    if values.dtype == torch.float32:
+        return values.new_empty((n, B, B))
+    return values.new_empty(0, dtype=torch.float32)
 
 
 @torch.library.register_fake("cctk::bsr_linear")
@@ -204,7 +232,18 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _refuse_double_backward(where: str):
+    # The backward kernels have no autograd of their own: differentiating them again would give
+    # silent zeros (gradient penalties, Hessian-vector products). With create_graph=True grad
+    # mode is on inside backward.
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{where}: double backward (create_graph=True) is not supported by the compiled and "
+                           "Triton kernels; use backend='torch' (ANDCLinear: layer.backend = 'torch') for "
+                           "higher-order gradients")
+
+
 def _backward(ctx, grad_out):
+    _refuse_double_backward("cctk::bsr_linear")
     x, values, crow_indices, col_indices = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     B = values.shape[-1]
@@ -272,6 +311,26 @@ def check_bsr_inputs(x, values, crow_indices, col_indices, bias, out_features):
             raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
 
 
+def check_bsr_index(crow_indices: torch.Tensor, col_indices: torch.Tensor, n_block_cols: int) -> None:
+    """The compressed index is well formed: crow starts at 0, ends at nnz and never decreases;
+    every col is in [0, n_block_cols). The compiled kernels check the same before any work;
+    this is the check of the other backends (on a GPU an asynchronous device-side assert, so
+    it never waits for the device)."""
+    nnz = col_indices.shape[0]
+    if crow_indices.numel() == 0:
+        return
+    ok_ends = (crow_indices[0] == 0) & (crow_indices[-1] == nnz)
+    ok_mono = (crow_indices[1:] >= crow_indices[:-1]).all()
+    ok_cols = ((col_indices >= 0) & (col_indices < n_block_cols)).all() if nnz else ok_ends
+    msg = (f"bsr_linear: malformed block index (crow must run from 0 to nnz={nnz} without decreasing; "
+           f"col_indices must lie in [0, {n_block_cols}))")
+    if crow_indices.device.type == "cpu":
+        if not bool(ok_ends & ok_mono & ok_cols):
+            raise ValueError(msg)
+    else:
+        torch._assert_async(ok_ends & ok_mono & ok_cols, msg)
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -318,6 +377,7 @@ class _BsrLinearTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward("bsr_linear (triton)")
         from cctk.kernels import bsr_linear as tk
         x, values, crow, col, ccol, row, perm = ctx.saved_tensors
         grad_out = grad_out.contiguous()
@@ -382,6 +442,8 @@ def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor
     """
     check_bsr_inputs(x, values, crow_indices, col_indices, bias, out_features)
     backend = _resolve_backend(backend, x.device)
+    if backend != "ext" and not torch.compiler.is_compiling():  # the compiled kernels check it themselves
+        check_bsr_index(crow_indices, col_indices, math.ceil(x.shape[-1] / values.shape[-1]))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if backend == "torch":

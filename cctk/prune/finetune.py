@@ -7,14 +7,13 @@ forward only ever sees W * M), and an ANDCLinear holds and differentiates only i
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 from cctk.data import set_loader_epoch
+from cctk.timing import models_images_per_s
 from cctk.train import build_optimizer, build_scheduler, evaluate, make_grad_scaler, train_one_epoch
 
 __all__ = ["finetune", "images_per_second"]
@@ -56,28 +55,8 @@ def finetune(model: nn.Module, train_loader, epochs: int = 2, lr: float = 1e-4, 
     return history
 
 
-@torch.no_grad()
-def images_per_second(model: nn.Module, example: torch.Tensor, repeats: int = 7, warmup: int = 2,
-                      min_time: float = 0.05) -> Dict[str, float]:
-    """Inference throughput of ``model`` on the batch ``example``: median over ``repeats`` timed
-    runs (each looping until at least ``min_time`` seconds) of batch / seconds-per-forward.
-    Returns {"images_per_s", "ms_per_batch", "batch"}."""
-    model.eval()
-    sync = (lambda: torch.cuda.synchronize()) if example.is_cuda else (lambda: None)  # noqa: E731
-    for _ in range(warmup):
-        model(example)
-    sync()
-    per_call = []
-    for _ in range(repeats):
-        n = 0
-        t0 = time.perf_counter()
-        while True:
-            model(example)
-            n += 1
-            sync()
-            dt = time.perf_counter() - t0
-            if dt >= min_time:
-                break
-        per_call.append(dt / n)
-    med = statistics.median(per_call)
-    return {"images_per_s": example.shape[0] / med, "ms_per_batch": med * 1e3, "batch": int(example.shape[0])}
+def images_per_second(model: nn.Module, example: torch.Tensor, rounds: int = 15, warmup: int = 1) -> Dict[str, float]:
+    """Inference throughput of ``model`` on the batch ``example`` (fastest of ``rounds``; see
+    :mod:`cctk.timing`, which times several models interleaved): {"images_per_s",
+    "ms_per_batch", "batch"}."""
+    return models_images_per_s({"model": model}, example, rounds=rounds, warmup=warmup)["model"]

@@ -123,11 +123,14 @@ def plot_throughput(summary: Dict[str, Any]) -> Optional[str]:
     if "dense_images_per_s" not in summary:
         return None
     plt = _plt()
-    labels = ["dense model", "pruned, masked dense", "pruned, ANDCLinear"]
-    vals = [summary["dense_images_per_s"], summary.get("masked_dense_images_per_s", float("nan")),
-            summary["pruned_images_per_s"]]
-    fig, ax = plt.subplots(figsize=(6.0, 3.2))
-    bars = ax.barh(labels, vals, color=["tab:gray", "tab:olive", "tab:blue"])
+    labels = ["dense, stock PyTorch", "dense, cctk.optimize", "pruned, masked dense", "pruned, ANDCLinear as loaded",
+              "pruned, cctk.optimize"]
+    nan = float("nan")
+    vals = [summary.get("dense_eager_images_per_s", summary["dense_images_per_s"]),
+            summary.get("dense_optimized_images_per_s", nan), summary.get("masked_dense_images_per_s", nan),
+            summary.get("pruned_eager_images_per_s", nan), summary["pruned_images_per_s"]]
+    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    bars = ax.barh(labels, vals, color=["tab:gray", "tab:gray", "tab:olive", "tab:cyan", "tab:blue"])
     for b, v in zip(bars, vals):
         ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {v:,.0f}", va="center", fontsize=8)
     ax.set_xlabel(f"images / s (batch {summary.get('bench_batch', '?')}, fp32, {summary.get('device', '')})")

@@ -537,8 +537,11 @@ at::Tensor attention_cpu(const at::Tensor& q_, const at::Tensor& k_, const at::T
 #ifdef CCTK_X86
   // units: (b, h, group of query tiles); enough of them for every thread, packing amortised
   const int64_t n_tiles = cdiv(Tq, MR);
-  const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
-  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(n_tiles, cdiv(want, B * H)));
+  // one unit per head (each head's K/V packed once) when the heads already split evenly over the
+  // threads or are plentiful; else split heads into query-tile groups (each group packs again)
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const bool per_head = (B * H) % threads == 0 || B * H >= 4 * threads;
+  const int64_t groups = per_head ? 1 : std::max<int64_t>(1, std::min<int64_t>(n_tiles, cdiv(4 * threads, B * H)));
   const int64_t tiles_per_unit = cdiv(n_tiles, groups);
   if (D <= 256 && st == at::kBFloat16 && cap >= Capability::AVX512_BF16) {
     attention_bf16_avx512(a, reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()),

@@ -501,7 +501,7 @@ void advise_huge_pages(const at::Tensor& t) {
 at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const at::Tensor& ptr_,
                         const at::Tensor& idx_, const at::Tensor& perm_, const c10::optional<at::Tensor>& bias_,
                         int64_t out_cols, bool forward, const char* op, bool gelu = false,
-                        const at::Tensor& residual_ = at::Tensor()) {
+                        const at::Tensor& residual_ = at::Tensor(), const at::Tensor& packed = at::Tensor()) {
   TORCH_CHECK(in_.dim() == 2, op, ": the input must be 2-D (rows, features), got shape ", in_.sizes());
   TORCH_CHECK(in_.device().is_cpu() && values_.device().is_cpu(), op, ": tensors must be on the CPU");
   TORCH_CHECK(in_.scalar_type() == values_.scalar_type(), op, ": input dtype ", in_.scalar_type(),
@@ -576,29 +576,43 @@ at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const 
 
 #ifdef CCTK_X86
   if (st == at::kBFloat16 && cap >= Capability::AVX512_BF16 && (B == 16 || B == 32 || B == 64)) {
-    std::vector<uint32_t> P2(static_cast<size_t>(nnz) * (B / 2) * B);
-    pack_blocks_bf16_pairs(values.data_ptr<at::BFloat16>(), pperm, nnz, B, forward, P2.data());
+    // weights packed once by cctk::bsr_pack (inference), else packed here for this call
+    const bool prepacked = forward && packed.defined() && packed.scalar_type() == at::kInt &&
+                           packed.numel() == nnz * (B / 2) * B && packed.is_contiguous();
+    std::vector<uint32_t> P2v;
+    if (!prepacked) {
+      P2v.resize(static_cast<size_t>(nnz) * (B / 2) * B);
+      pack_blocks_bf16_pairs(values.data_ptr<at::BFloat16>(), pperm, nnz, B, forward, P2v.data());
+    }
+    const uint32_t* P2 = prepacked ? reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>()) : P2v.data();
     fuse_epilogue();
     const uint16_t* xin = reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>());
     const uint16_t* bp = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::BFloat16>()) : nullptr;
     uint16_t* op_ = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-    if (B == 16) gemm_bf16_avx512_nv<1>(g, xin, P2.data(), bp, op_);
-    else if (B == 32) gemm_bf16_avx512_nv<2>(g, xin, P2.data(), bp, op_);
-    else gemm_bf16_avx512_nv<4>(g, xin, P2.data(), bp, op_);
+    if (B == 16) gemm_bf16_avx512_nv<1>(g, xin, P2, bp, op_);
+    else if (B == 32) gemm_bf16_avx512_nv<2>(g, xin, P2, bp, op_);
+    else gemm_bf16_avx512_nv<4>(g, xin, P2, bp, op_);
     return out;
   }
 #endif
   if (st == at::kFloat || (st == at::kBFloat16 && cap >= Capability::AVX2)) {
     // fp32 kernels; bf16 without AVX512-BF16 is computed in fp32 and rounded once at the end.
-    std::vector<float> P(static_cast<size_t>(nnz) * B * B);
+    const bool prepacked = forward && st == at::kFloat && packed.defined() && packed.scalar_type() == at::kFloat &&
+                           packed.numel() == nnz * B * B && packed.is_contiguous();
+    std::vector<float> P(prepacked ? 0 : static_cast<size_t>(nnz) * B * B);
     at::Tensor in32 = st == at::kFloat ? in : in.to(at::kFloat);
     at::Tensor bias32 = bias.defined() ? (st == at::kFloat ? bias : bias.to(at::kFloat)) : bias;
     at::Tensor out32 = st == at::kFloat ? out : at::empty({M, out_cols}, in.options().dtype(at::kFloat));
-    if (st == at::kFloat) pack_blocks<float, float>(values.data_ptr<float>(), pperm, nnz, B, forward, P.data());
-    else pack_blocks<at::BFloat16, float>(values.data_ptr<at::BFloat16>(), pperm, nnz, B, forward, P.data());
+    if (prepacked) {
+    } else if (st == at::kFloat) {
+      pack_blocks<float, float>(values.data_ptr<float>(), pperm, nnz, B, forward, P.data());
+    } else {
+      pack_blocks<at::BFloat16, float>(values.data_ptr<at::BFloat16>(), pperm, nnz, B, forward, P.data());
+    }
+    const float* Pp = prepacked ? packed.data_ptr<float>() : P.data();
     const bool fused = st == at::kFloat && cap >= Capability::AVX512 && (B == 16 || B == 32 || B == 64);
     if (fused) fuse_epilogue();
-    gemm_f32(g, in32.data_ptr<float>(), P.data(), bias32.defined() ? bias32.data_ptr<float>() : nullptr,
+    gemm_f32(g, in32.data_ptr<float>(), Pp, bias32.defined() ? bias32.data_ptr<float>() : nullptr,
              out32.data_ptr<float>(), cap);
     if (st != at::kFloat) out.copy_(out32);
     return fused ? out : finish(out);
@@ -621,12 +635,45 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
 // Forward with an epilogue (inference): activation "none" | "gelu" (exact erf), then + residual.
 at::Tensor bsr_linear_epilogue_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
                                    const at::Tensor& col, const c10::optional<at::Tensor>& bias, int64_t out_features,
-                                   c10::string_view activation, const c10::optional<at::Tensor>& residual) {
+                                   c10::string_view activation, const c10::optional<at::Tensor>& residual,
+                                   const c10::optional<at::Tensor>& packed) {
   const char* op = "cctk::bsr_linear_epilogue";
   TORCH_CHECK(activation == "none" || activation == "gelu", op, ": activation must be 'none' or 'gelu', got '",
               std::string(activation), "'");
+  if (packed.has_value() && packed->defined() && packed->numel() > 0) {
+    const int64_t B = values.dim() == 3 ? values.size(1) : 0;
+    const bool bf16 = values.scalar_type() == at::kBFloat16;
+    TORCH_CHECK(packed->device().is_cpu() && packed->dim() == 3 && packed->size(0) == values.size(0) &&
+                    packed->scalar_type() == (bf16 ? at::kInt : at::kFloat) &&
+                    packed->size(1) == (bf16 ? B / 2 : B) && packed->size(2) == B,
+                op, ": packed weights ", packed->sizes(), " ", packed->scalar_type(),
+                " were not made by cctk::bsr_pack from these values; pack them again");
+  }
   return bsr_gemm_cpu(x, values, crow, col, at::Tensor(), bias, out_features, true, op, activation == "gelu",
-                      residual.has_value() ? *residual : at::Tensor());
+                      residual.has_value() ? *residual : at::Tensor(),
+                      packed.has_value() ? packed->contiguous() : at::Tensor());
+}
+
+// Forward weights in the kernel's layout, once (inference): bf16 -> int32 (nnz, B/2, B) pairs of
+// W^T rows (vdpbf16ps operands); fp32 -> (nnz, B, B) W^T blocks; other dtypes: empty (no prepack).
+at::Tensor bsr_pack_cpu(const at::Tensor& values_) {
+  TORCH_CHECK(values_.dim() == 3 && values_.size(1) == values_.size(2) && values_.device().is_cpu(),
+              "cctk::bsr_pack: values must be (nnz, B, B) on the CPU, got ", values_.sizes());
+  auto values = values_.contiguous();
+  const int64_t nnz = values.size(0), B = values.size(1);
+  if (values.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(B % 2 == 0, "cctk::bsr_pack: block size must be even, got ", B);
+    auto out = at::empty({nnz, B / 2, B}, values.options().dtype(at::kInt));
+    pack_blocks_bf16_pairs(values.data_ptr<at::BFloat16>(), nullptr, nnz, B, true,
+                           reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()));
+    return out;
+  }
+  if (values.scalar_type() == at::kFloat) {
+    auto out = at::empty({nnz, B, B}, values.options());
+    pack_blocks<float, float>(values.data_ptr<float>(), nullptr, nnz, B, true, out.data_ptr<float>());
+    return out;
+  }
+  return at::empty({0}, values.options().dtype(at::kFloat));
 }
 
 at::Tensor bsr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
@@ -866,6 +913,7 @@ at::Tensor bsr_linear_backward_weight_cpu(const at::Tensor& grad_out_, const at:
 TORCH_LIBRARY_IMPL(cctk, CPU, m) {
   m.impl("bsr_linear", &bsr_linear_cpu);
   m.impl("bsr_linear_epilogue", &bsr_linear_epilogue_cpu);
+  m.impl("bsr_pack", &bsr_pack_cpu);
   m.impl("bsr_linear_backward_input", &bsr_linear_backward_input_cpu);
   m.impl("bsr_linear_backward_weight", &bsr_linear_backward_weight_cpu);
 }

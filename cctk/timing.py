@@ -1,0 +1,57 @@
+"""One timing harness for cctk's throughput figures (the demo, ``cctk study``, ``bench/``).
+
+On a shared CPU, medians of consecutive runs of one provider swing by 10-35% as other work comes
+and goes; timing several providers **interleaved round by round** exposes them to the same
+machine state, and each provider's **fastest round** is its least-disturbed figure. So every
+comparison cctk reports is ``interleaved_times`` -> ``fastest`` ratios, in one process.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Mapping
+
+import torch
+
+
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], rounds: int = 15, warmup: int = 1,
+                      device: torch.device | str | None = None) -> Dict[str, list]:
+    """Seconds per call of every provider in ``fns``, ``rounds`` rounds each, interleaved (round r
+    runs every provider once, in order) after ``warmup`` untimed rounds. On a CUDA ``device``
+    each call is followed by a synchronisation (the GPU work is timed, not the launch)."""
+    if not fns:
+        raise ValueError("interleaved_times needs at least one provider")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    cuda = device is not None and torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(max(0, warmup)):
+        for fn in fns.values():
+            fn()
+    sync()
+    times: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def images_per_s(seconds: list, batch: int) -> float:
+    """Throughput of the fastest round: ``batch / min(seconds)``."""
+    return batch / min(seconds)
+
+
+@torch.no_grad()
+def models_images_per_s(models: Mapping[str, torch.nn.Module], example: torch.Tensor, rounds: int = 15,
+                        warmup: int = 1) -> Dict[str, Dict[str, float]]:
+    """Inference throughput of several models on one batch, interleaved: per model
+    ``{"images_per_s", "ms_per_batch", "batch"}`` from its fastest round (eval mode, no autograd)."""
+    for m in models.values():
+        m.eval()
+    fns = {name: (lambda m=m: m(example)) for name, m in models.items()}
+    times = interleaved_times(fns, rounds=rounds, warmup=warmup, device=example.device)
+    batch = int(example.shape[0])
+    return {name: {"images_per_s": images_per_s(ts, batch), "ms_per_batch": min(ts) * 1e3, "batch": batch}
+            for name, ts in times.items()}

@@ -1,0 +1,24 @@
+"""cctk.timing: the interleaved-rounds harness every throughput figure comes from."""
+import pytest
+import torch
+
+from cctk.timing import images_per_s, interleaved_times, models_images_per_s
+
+
+def test_interleaved_order_and_counts():
+    calls = []
+    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then rounds interleaved a, b, a, b, ...
+    assert set(times) == {"a", "b"} and all(len(v) == 3 and min(v) >= 0 for v in times.values())
+    assert images_per_s([0.5, 0.25, 1.0], 8) == 32.0
+
+
+def test_models_images_per_s_and_bad_input():
+    lin = torch.nn.Linear(8, 4)
+    out = models_images_per_s({"lin": lin, "seq": torch.nn.Sequential(lin, torch.nn.ReLU())}, torch.randn(16, 8),
+                              rounds=2)
+    assert set(out) == {"lin", "seq"} and out["lin"]["batch"] == 16 and out["lin"]["images_per_s"] > 0
+    with pytest.raises(ValueError, match="at least one provider"):
+        interleaved_times({})
+    with pytest.raises(ValueError, match="positive int"):
+        interleaved_times({"a": lambda: None}, rounds=0)
