@@ -52,9 +52,10 @@ from cctk.checkpoint import atomic_write_text, load_checkpoint
 from cctk.errors import ConfigError
 from cctk.experiments.pipeline import CLASSIFIER_SCAN, DEFAULT_BLOCK_SIZE, Run, scan_classifier
 from cctk.optimize import optimize
+from cctk.timing import models_images_per_s
 from cctk.prune.andc import RecognizedSets, encoder_linear_names, final_stream_means, final_stream_sets
 from cctk.prune.convert import convert_to_andc, density_summary
-from cctk.prune.finetune import finetune, images_per_second
+from cctk.prune.finetune import finetune
 from cctk.prune.masks import classifier_keep
 from cctk.prune.scorers import (ALL_METHODS, BLOCK_METHODS, STUDY_METHODS, make_node_scorer, make_scorer,
                                 prune_blocks, prune_nodes)
@@ -387,11 +388,9 @@ class _Study:
         dtype = getattr(torch, self.cfg.bench_dtype)
         fast, fast_dense = optimize(pruned, dtype), optimize(dense, dtype)
         x = example.to(self.device, dtype)
-        best, best_dense = 0.0, 0.0
-        for _ in range(self.cfg.bench_rounds):  # interleaved rounds, fastest of each
-            best = max(best, images_per_second(fast, x, repeats=1, warmup=1)["images_per_s"])
-            best_dense = max(best_dense, images_per_second(fast_dense, x, repeats=1, warmup=1)["images_per_s"])
-        return best, best_dense
+        # interleaved rounds, fastest of each (cctk.timing): pruned and dense see the same machine
+        r = models_images_per_s({"pruned": fast, "dense": fast_dense}, x, rounds=self.cfg.bench_rounds)
+        return r["pruned"]["images_per_s"], r["dense"]["images_per_s"]
 
 
 def model_digest(model: torch.nn.Module) -> str:
