@@ -43,6 +43,8 @@ def test_study_writes_results_summary_report(digits_study):
     acc = [float(r["accuracy"]) for r in rows if r["method"] == "andc"]
     assert cell["n"] == 2 and cell["accuracy_mean"] == pytest.approx(sum(acc) / 2)
     assert cell["ci95"][0] <= cell["accuracy_mean"] <= cell["ci95"][1]
+    ratios = [float(r["images_per_s"]) / float(r["dense_images_per_s"]) for r in rows if r["method"] == "andc"]
+    assert cell["speedup_vs_dense_mean"] == pytest.approx(sum(ratios) / 2)
     primary = [p for p in s["paired"] if p["primary"]]
     assert len(primary) == 1 and primary[0]["method"] == "andc" and primary[0]["baseline"] == "magnitude"
     mag = {r["seed"]: float(r["accuracy"]) for r in rows if r["method"] == "magnitude"}

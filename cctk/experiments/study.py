@@ -217,9 +217,14 @@ def summarize_results(rows: List[dict], baseline: str = "magnitude") -> Dict[str
         ips = [float(r["images_per_s"]) for r in seeds.values() if r.get("images_per_s") not in (None, "")]
         ips_mean, ips_ci, _ = _t_interval(ips) if ips else (None, [None, None], None)
         before = [float(r["accuracy_before_finetune"]) for r in seeds.values()]
+        # images/s over the dense model's, timed interleaved in the same cell: steadier than raw
+        # images/s on a shared machine
+        speed = [float(r["images_per_s"]) / float(r["dense_images_per_s"]) for r in seeds.values()
+                 if r.get("images_per_s") not in (None, "") and r.get("dense_images_per_s") not in (None, "", 0)]
         cells.append({"method": m, "density": d, "n": len(acc), "accuracy_mean": mean, "ci95": ci, "sd": sd,
                       "accuracy_before_finetune_mean": sum(before) / len(before),
                       "images_per_s_mean": ips_mean, "images_per_s_ci95": ips_ci,
+                      "speedup_vs_dense_mean": sum(speed) / len(speed) if speed else None,
                       "linear_density_mean": sum(float(r["linear_density"]) for r in seeds.values()) / len(acc)})
     paired = []
     for (m, d), seeds in sorted(by.items()):
@@ -603,11 +608,12 @@ def write_study_report(out: str, summary: Dict[str, Any]) -> str:
                               f"{c['images_per_s_mean']:.0f} images/s)" for c in summary.get("frontier", []))
                     or "no timings") + "</p>")
     parts.append("<h2>Cells</h2><table border=1><tr><th>method</th><th>density</th><th>n</th>"
-                 "<th>accuracy</th><th>95% CI</th><th>before fine-tune</th><th>images/s</th><th>linear density</th></tr>")
+                 "<th>accuracy</th><th>95% CI</th><th>before fine-tune</th><th>images/s</th><th>x dense</th>"
+                 "<th>linear density</th></tr>")
     for c in cells:
         parts.append(f"<tr><td>{c['method']}</td><td>{c['density']}</td><td>{c['n']}</td><td>{fmt(c['accuracy_mean'])}</td>"
                      f"<td>[{fmt(c['ci95'][0])}, {fmt(c['ci95'][1])}]</td><td>{fmt(c['accuracy_before_finetune_mean'])}</td>"
-                     f"<td>{_ips(c['images_per_s_mean'])}</td>"
+                     f"<td>{_ips(c['images_per_s_mean'])}</td><td>{fmt(c.get('speedup_vs_dense_mean'))}</td>"
                      f"<td>{fmt(c['linear_density_mean'])}</td></tr>")
     parts.append("</table>")
     path = os.path.join(out, "report.html")
