@@ -599,9 +599,10 @@ def write_study_report(out: str, summary: Dict[str, Any]) -> str:
                  "<th>n</th><th>mean diff</th><th>95% CI</th><th>p</th><th>p (Holm)</th><th>primary</th></tr>")
     fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
     _ips = lambda v: "" if v is None else f"{v:.0f}"  # noqa: E731
+    ci = lambda c: "n/a (n < 2)" if c[0] is None else f"[{c[0]:.4f}, {c[1]:.4f}]"  # noqa: E731
     for p in summary["paired"]:
         parts.append(f"<tr><td>{p['method']}</td><td>{p['density']}</td><td>{p['n']}</td><td>{fmt(p['mean_diff'])}</td>"
-                     f"<td>[{fmt(p['ci95'][0])}, {fmt(p['ci95'][1])}]</td><td>{fmt(p['p_value'])}</td>"
+                     f"<td>{ci(p['ci95'])}</td><td>{fmt(p['p_value'])}</td>"
                      f"<td>{fmt(p.get('p_holm'))}</td><td>{'yes' if p['primary'] else ''}</td></tr>")
     parts.append("</table><h2>Accuracy vs images/s: the Pareto frontier</h2><p>"
                  + (", ".join(f"{html.escape(c['method'])} at {c['density']} ({c['accuracy_mean']:.4f}, "
@@ -612,7 +613,7 @@ def write_study_report(out: str, summary: Dict[str, Any]) -> str:
                  "<th>linear density</th></tr>")
     for c in cells:
         parts.append(f"<tr><td>{c['method']}</td><td>{c['density']}</td><td>{c['n']}</td><td>{fmt(c['accuracy_mean'])}</td>"
-                     f"<td>[{fmt(c['ci95'][0])}, {fmt(c['ci95'][1])}]</td><td>{fmt(c['accuracy_before_finetune_mean'])}</td>"
+                     f"<td>{ci(c['ci95'])}</td><td>{fmt(c['accuracy_before_finetune_mean'])}</td>"
                      f"<td>{_ips(c['images_per_s_mean'])}</td><td>{fmt(c.get('speedup_vs_dense_mean'))}</td>"
                      f"<td>{fmt(c['linear_density_mean'])}</td></tr>")
     parts.append("</table>")
