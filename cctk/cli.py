@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 COMMAND_MODULES: Dict[str, str] = {
     "snp": "cctk.snp.cli",
     "prune": "cctk.prune.cli",
+    "study": "cctk.experiments.study_cli",
 }
 
 EXIT_USAGE = 2

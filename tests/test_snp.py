@@ -302,7 +302,7 @@ def test_node_matrices_equal_explicit_field_means(mode):
         torch.testing.assert_close(head, M[: N // 2].sum(0), rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs", "sgd"])
 def test_readouts_learn_separable_features_and_are_seeded(optimizer):
     from cctk.snp import ReadoutConfig, readout_accuracy, train_readouts
     g = torch.Generator().manual_seed(0)
@@ -311,14 +311,18 @@ def test_readouts_learn_separable_features_and_are_seeded(optimizer):
     centers = 3 * torch.randn(K, 6, generator=g)
     feats = {(0, "mha"): centers[y] + torch.randn(n, 6, generator=g),
              (0, "ff"): torch.randn(n, 9, generator=g)}               # pure noise
-    cfg = ReadoutConfig(epochs=15, optimizer=optimizer, lr=0.05, batch_size=64, seed=3)
+    cfg = ReadoutConfig(epochs=15, optimizer=optimizer, lr=0.01 if optimizer == "sgd" else 0.05,
+                        batch_size=64, seed=3)
     readouts = train_readouts(feats, y, K, cfg)
+    # the group's readout (sgd) has no bias and weight decay 1e-3; the others a bias, no decay
+    assert (readouts[(0, "mha")].bias is None) == (optimizer == "sgd")
+    assert cfg.weight_decay == (1e-3 if optimizer == "sgd" else 0.0)
     acc = readout_accuracy(readouts, feats, y)
     assert acc[(0, "mha")] > 0.95 and acc[(0, "ff")] < 0.6
     again = train_readouts(feats, y, K, cfg)
     assert torch.equal(again[(0, "mha")].weight, readouts[(0, "mha")].weight)
     with pytest.raises(ValueError, match="optimizer"):
-        ReadoutConfig(optimizer="sgd")
+        ReadoutConfig(optimizer="rmsprop")
 
 
 @pytest.mark.parametrize("mode", ["pooled", "token"])

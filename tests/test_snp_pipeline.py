@@ -108,6 +108,31 @@ def test_token_mode_streamed_and_cached(digits_checkpoint, tmp_path):
     assert set(paths) == {"snp.json", "nodes.npz"}
 
 
+def test_seqpool_readout_mode(digits_checkpoint):
+    """Sequence-pooling readouts (with the group's bias-free sgd) run end to end and are
+    recorded; zero-initialised they pool like the token mean; features too large to hold in
+    memory are refused with a clear error."""
+    from cctk.snp import analyze_group
+    from cctk.snp.readout import SeqPoolReadout
+    from cctk.train import load_checkpoint
+    model, _ = load_checkpoint(digits_checkpoint)
+    x, y = _digits_tensors(120)
+    loader = DataLoader(TensorDataset(x, y), batch_size=40)
+    result = run_snp(model, loader, loader, 10, readout_mode="seqpool", readout_epochs=3,
+                     readout_optimizer="sgd", null_draws=20, backend="torch")
+    cfg = result.summary["config"]
+    assert cfg["readout_mode"] == "seqpool" and cfg["readout"]["bias"] is False
+    assert 0 <= result.summary["blocks"][1]["ff"]["readout_accuracy"] <= 1
+    assert result.arrays["b1_ff_recognized"].shape == (model.ff_dim, 10)
+    # a zero-initialised sequence pooling is the token mean
+    ro = SeqPoolReadout(tokens=4, nodes=3, num_classes=2)
+    h = torch.randn(5, 4, 3)
+    torch.testing.assert_close(ro.pool(h.reshape(5, -1)), h.mean(1))
+    with pytest.raises(ValueError, match="seqpool readouts need"):
+        run_snp(model, loader, loader, 10, readout_mode="seqpool", readout_epochs=1,
+                null_draws=0, backend="torch", cache_limit_bytes=0)
+
+
 # --------------------------------------------------------------------------- DDP
 
 def _ddp_worker(rank, world, tmp, modes):

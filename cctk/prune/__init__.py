@@ -11,6 +11,17 @@ Typical use::
     convert_to_andc(pruned)
     save_pruned(pruned, plan, "runs/pruned/checkpoint.pt")
 
+One API for every method (:mod:`cctk.prune.scorers`): a scorer scores blocks (or nodes), one
+function turns block scores into masks and a PrunePlan, one turns node scores into a smaller
+dense CCT::
+
+    from cctk.prune import make_scorer, make_node_scorer, prune_blocks, prune_nodes
+    scorer = make_scorer("wanda", calibration=[x for x, _ in train_loader][:4])  # or andc, magnitude,
+    pruned, plan = prune_blocks(model, scorer, density=0.25, block_size=16)     # random, andc-shuffled
+    small, kept = prune_nodes(model, make_node_scorer("snp", sets=sets, calibration=calib), 0.25)
+
+``cctk study`` (:mod:`cctk.experiments.study`) compares them all over seeds.
+
 Command line::
 
     cctk snp   --checkpoint runs/digits/checkpoint.pt --out runs/digits_snp
@@ -39,6 +50,8 @@ from cctk.prune.andc import (PrunePlan, RecognizedSets, apply_masks, encoder_lin
 from cctk.prune.convert import (convert_to_andc, density_summary, layer_densities, load_pruned,
                                 save_pruned, to_masked_dense)
 from cctk.prune.finetune import finetune, images_per_second
+from cctk.prune.scorers import (BLOCK_METHODS, STUDY_METHODS, BlockScorer, NodeScorer, make_node_scorer,
+                                make_scorer, prune_blocks, prune_nodes)
 from cctk.prune.workflow import prune_and_finetune, prune_model
 
 # The names a user calls; the building blocks (masks, permutations, label sets per layer) stay
@@ -47,5 +60,6 @@ __all__ = [
     "RecognizedSets", "PrunePlan", "prune_andc", "prune_magnitude", "prune_model",
     "prune_and_finetune", "apply_masks", "encoder_linear_names", "finetune", "convert_to_andc",
     "to_masked_dense", "density_summary", "layer_densities", "save_pruned", "load_pruned",
-    "images_per_second",
+    "images_per_second", "BlockScorer", "NodeScorer", "make_scorer", "make_node_scorer", "prune_blocks",
+    "prune_nodes", "BLOCK_METHODS", "STUDY_METHODS",
 ]

@@ -54,6 +54,7 @@ __all__ = [
     "encoder_linear_names",
     "layer_label_sets",
     "choose_permutations",
+    "best_andc_permutations",
     "apply_permutations",
     "prune_andc",
     "prune_magnitude",
@@ -291,6 +292,22 @@ def _andc_masks(model: nn.Module, sets: RecognizedSets, block_size: int, density
     return masks, stats
 
 
+def best_andc_permutations(model: nn.Module, sets: RecognizedSets, block_size: int, density, tau,
+                           min_overlap: int = 1, order: str = "auto") -> Permutations:
+    """The label-sorting permutations ANDC uses: ``order`` ("dominant", "lexicographic",
+    "identity"), or "auto": try the three, keep the one whose block masks capture the largest
+    share of the kept connections' score over all layers (scores alone; weights only break ties)."""
+    candidates = ["dominant", "lexicographic", "identity"] if order == "auto" else [order]
+    best = None
+    for method in candidates:
+        p = choose_permutations(model, sets, method)
+        _, stats = _andc_masks(model, sets.permuted(p), block_size, density, tau, min_overlap, use_weights=False)
+        captured = sum(s["captured_score_fraction"] for s in stats.values())
+        if best is None or captured > best[0] + 1e-12:
+            best = (captured, p)
+    return best[1]
+
+
 def prune_andc(model: nn.Module, sets: Union[RecognizedSets, str, Path, Mapping], block_size: int = 32,
                density: Optional[Density] = 0.25, tau: Optional[float] = None, min_overlap: int = 1,
                order: str = "auto", permute: bool = True, prune_classifier: bool = True,
@@ -316,17 +333,7 @@ def prune_andc(model: nn.Module, sets: Union[RecognizedSets, str, Path, Mapping]
     pruned = copy.deepcopy(model)
     perms = None
     if permute:
-        candidates = ["dominant", "lexicographic", "identity"] if order == "auto" else [order]
-        best = None
-        for method in candidates:
-            p = choose_permutations(pruned, sets, method)
-            sp = sets.permuted(p)
-            # candidate orders are compared on scores alone (weights only break ties)
-            masks, stats = _andc_masks(pruned, sp, block_size, density, tau, min_overlap, use_weights=False)
-            captured = sum(s["captured_score_fraction"] for s in stats.values())
-            if best is None or captured > best[0] + 1e-12:
-                best = (captured, p)
-        perms = best[1]
+        perms = best_andc_permutations(pruned, sets, block_size, density, tau, min_overlap, order)
         apply_permutations(pruned, perms)
         sets = sets.permuted(perms)
     masks, stats = _andc_masks(pruned, sets, block_size, density, tau, min_overlap)

@@ -1,6 +1,6 @@
 """``cctk snp``: single-nodal performance of every MHA and FF node of a trained checkpoint.
 
-    cctk snp --checkpoint CKPT --out DIR [--threshold 0.3] [--readout-mode pooled|token]
+    cctk snp --checkpoint CKPT --out DIR [--threshold 0.3] [--readout-mode pooled|token|seqpool]
              [--readout-epochs N] [--split test] [--data-dir D] [--batch-size B]
              [--null-draws 1000] [--backend auto|triton|torch] [--device DEV]
 
@@ -31,12 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--threshold", type=float, default=0.3,
                    help="binarisation threshold theta on M / max (strict >)")
-    p.add_argument("--readout-mode", default="pooled", choices=("pooled", "token"),
-                   help="readout features: token means (pooled) or every token's nodes (token)")
+    p.add_argument("--readout-mode", default="pooled", choices=("pooled", "token", "seqpool"),
+                   help="readout features: token means (pooled), every token's nodes (token), or a "
+                        "learned sequence pooling of the tokens (seqpool; features held in memory)")
     p.add_argument("--readout-epochs", type=int, default=10, help="readout training epochs")
-    p.add_argument("--readout-optimizer", default="adam", choices=("adam", "lbfgs"),
-                   help="readout optimiser")
-    p.add_argument("--readout-lr", type=float, default=1e-2, help="readout learning rate (Adam)")
+    p.add_argument("--readout-optimizer", default="adam", choices=("adam", "lbfgs", "sgd"),
+                   help="readout optimiser; sgd is the group's readout: no bias, SGD momentum 0.975 "
+                        "Nesterov, weight decay 1e-3, lr x0.975 per epoch")
+    p.add_argument("--readout-lr", type=float, default=1e-2, help="readout learning rate (Adam, SGD)")
     p.add_argument("--split", default="test", choices=("train", "test", "val"),
                    help="split whose label-conditioned means build the node matrices")
     p.add_argument("--data-dir", default=None,

@@ -41,7 +41,7 @@ from cctk.checkpoint import atomic_write_files
 from cctk.snp.clusters import BatchAnalysis
 from cctk.snp.heads import analyze_heads
 from cctk.snp.matrices import analyze_group, node_matrices, set_matrix, summarize
-from cctk.snp.readout import (ReadoutConfig, readout_accuracy, train_readouts,
+from cctk.snp.readout import (ReadoutConfig, make_seqpool_readouts, readout_accuracy, train_readouts,
                               train_readouts_streaming)
 from cctk.snp.stats import GROUPS, LabelStatsTap, collect_label_stats, group_sizes
 
@@ -111,6 +111,9 @@ def _streamed_accuracy(readouts, batches) -> dict:
     return {k: c / max(total, 1) for k, c in correct.items()}
 
 
+READOUT_MODES = ("pooled", "token", "seqpool")
+
+
 def _readout_weight(lin, mode: str, num_nodes: int) -> torch.Tensor:
     W = lin.weight.detach().cpu()
     return W if mode == "pooled" else W.view(W.shape[0], -1, num_nodes)
@@ -137,13 +140,15 @@ def run_snp(model, train_loader, test_loader, num_classes: int, threshold: float
             readout_mode: str = "pooled", readout_epochs: int = 10, backend: str = "auto",
             null_draws: int = 1000, seed: int = 0, device=None, readout_optimizer: str = "adam",
             readout_lr: float = 1e-2, readout_batch_size: int = 256,
-            readout_weight_decay: float = 0.0, cache_limit_bytes: int = 2 << 30,
+            readout_weight_decay: Optional[float] = None, cache_limit_bytes: int = 2 << 30,
             example_nodes: int = 3, split: str = "test", dataset: Optional[str] = None,
             model_name: Optional[str] = None, extra_config: Optional[dict] = None,
             verbose: bool = False) -> SNPResult:
     """Run the SNP analysis (see the module doc); ``test_loader`` is the analysed split."""
-    if readout_mode not in ("pooled", "token"):
-        raise ValueError(f"readout_mode must be 'pooled' or 'token', got {readout_mode!r}")
+    if readout_mode not in READOUT_MODES:
+        raise ValueError(f"readout_mode must be one of {', '.join(READOUT_MODES)}, got {readout_mode!r}")
+    seqpool = readout_mode == "seqpool"
+    feature_mode = "token" if seqpool else readout_mode   # seqpool learns its pooling over tokens
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -152,7 +157,7 @@ def run_snp(model, train_loader, test_loader, num_classes: int, threshold: float
     cfg = ReadoutConfig(epochs=readout_epochs, optimizer=readout_optimizer, lr=readout_lr,
                         batch_size=readout_batch_size, weight_decay=readout_weight_decay,
                         seed=seed)
-    dims = _feature_dims(model, readout_mode)
+    dims = _feature_dims(model, feature_mode)
     per_sample_bytes = 4 * sum(dims.values())
     n_train, n_test = _dataset_len(train_loader), _dataset_len(test_loader)
     cache = (n_train is not None and n_test is not None
@@ -160,7 +165,31 @@ def run_snp(model, train_loader, test_loader, num_classes: int, threshold: float
     log = print if verbose else (lambda *a, **k: None)
 
     # 1-3: readouts (train split) and the measurement pass (analysed split)
-    if cache:
+    seq_means: dict = {}
+    if seqpool and not cache:
+        raise ValueError("seqpool readouts need the token features in memory: raise cache_limit_bytes "
+                         "(--cache-limit-gb) or analyse a subset")
+    if seqpool:
+        log(f"[snp] caching token features of {n_train} training samples (sequence-pooling readouts)")
+        train = collect_label_stats(model, train_loader, K, mode="token", backend=backend, device=device,
+                                    stats=False, features="token", reduce=False)
+        feats = {k: v for k, v in train.features.items() if k != "final"}
+        sizes0 = group_sizes(model)
+        readouts = train_readouts(feats, train.labels, K, cfg, device=device, readouts=make_seqpool_readouts(
+            {k: sizes0[k[1]] for k in feats}, model.seq_len, K, device=device, bias=cfg.bias))
+        del train, feats
+        log("[snp] measurement pass")
+        stats = collect_label_stats(model, test_loader, K, mode="pooled", backend=backend, device=device,
+                                    features="token")
+        accuracy = readout_accuracy(readouts, stats.features, stats.labels)
+        counts = torch.bincount(stats.labels, minlength=K).clamp(min=1).double()
+        with torch.no_grad():
+            for key, ro in readouts.items():
+                z = ro.pool(stats.features[key].to(device).float()).double().cpu()
+                seq_means[key] = (torch.zeros(K, z.shape[1], dtype=torch.float64).index_add_(0, stats.labels, z)
+                                  / counts[:, None]).float()
+        stats.features = {}
+    elif cache:
         log(f"[snp] caching {readout_mode} features of {n_train} training samples")
         train = collect_label_stats(model, train_loader, K, mode=readout_mode, backend=backend,
                                     device=device, stats=False, features=readout_mode,
@@ -194,8 +223,8 @@ def run_snp(model, train_loader, test_loader, num_classes: int, threshold: float
     for b in range(L):
         entry = {}
         for g in GROUPS:
-            W = _readout_weight(readouts[(b, g)], readout_mode, sizes[g])
-            means = stats.means((b, g)).cpu()
+            W = _readout_weight(readouts[(b, g)], "pooled" if seqpool else readout_mode, sizes[g])
+            means = seq_means[(b, g)] if seqpool else stats.means((b, g)).cpu()
             analysis = analyze_group(W, means, threshold)
             analyses[(b, g)] = analysis
             _store_analysis(arrays, f"b{b}_{g}", analysis)

@@ -1,0 +1,623 @@
+"""``cctk study``: pruning as a controlled experiment (SCIENCE.md section 7).
+
+The test the study is designed for, fixed before any number: **ANDC minus block magnitude, test
+accuracy at density 0.25 after the fine-tune budget, paired by seed, 95% CI** (primary); every
+other method x density against magnitude is secondary, Holm-corrected.
+
+Per seed s (``out/seed{s}/``):
+
+1. Data: the training split's first ``N - val_size`` samples train the model; its last
+   ``val_size`` samples are the *validation* split (recorded as an index range). The test split
+   is read only to report accuracies (before and after fine-tuning).
+2. Model: trained with the dataset's preset recipe (``seed{s}/train``; resumable), or taken
+   from ``checkpoints[s]``.
+3. SNP: readouts trained on the training part, node matrices from the validation split
+   (``seed{s}/snp``): the label sets every SNP-guided method uses.
+4. Classifier threshold: scanned on the validation split; the largest threshold whose
+   validation accuracy (dense encoder, classifier-only ANDC) is within ``classifier_tolerance``
+   of the dense validation accuracy is chosen (none within: the classifier stays dense).
+5. Every method x density (same fine-tune budget, lr, training images): prune, test accuracy,
+   fine-tune with masks fixed, test accuracy, images/s of the pruned model through
+   ``cctk.optimize`` (interleaved rounds with the dense model, fastest round).
+
+Methods: the block scorers of :mod:`cctk.prune.scorers` (``andc``, ``magnitude``, ``wanda``,
+``random``, ``andc-shuffled``: equal per-layer block densities; the non-ANDC block methods keep
+as many classifier weights as ANDC's label-set rule keeps) and structured node removal
+(``structured``: ranked by SNP label counts; ``structured-activation``: by activation norm;
+same kept fraction of FF units and head dims, classifier dense).
+
+Outputs: ``results.csv`` (one row per seed x method x density; a finished row is never redone),
+``summary.json`` (``cells`` with 95% t intervals, ``paired`` differences against magnitude with
+paired t-test p-values and Holm-adjusted p-values, the validation choices per seed),
+``report.html`` (accuracy vs density and accuracy vs images/s with error bars).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import html
+import io
+import json
+import math
+import os
+import platform
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from cctk import data
+from cctk import snp as snp_mod
+from cctk.checkpoint import atomic_write_text, load_checkpoint
+from cctk.errors import ConfigError
+from cctk.experiments.pipeline import CLASSIFIER_SCAN, DEFAULT_BLOCK_SIZE, Run, scan_classifier
+from cctk.optimize import optimize
+from cctk.timing import models_images_per_s
+from cctk.prune.andc import RecognizedSets, encoder_linear_names, final_stream_means, final_stream_sets
+from cctk.prune.convert import convert_to_andc, density_summary
+from cctk.prune.finetune import finetune
+from cctk.prune.masks import classifier_keep
+from cctk.prune.scorers import (ALL_METHODS, BLOCK_METHODS, STUDY_METHODS, make_node_scorer, make_scorer,
+                                prune_blocks, prune_nodes)
+from cctk.train import CHECKPOINT_NAME, TrainConfig, evaluate, get_preset, preset_for_dataset, train
+from cctk.train.state import seed_everything
+
+__all__ = ["StudyConfig", "run_study", "summarize_results", "pareto_frontier", "holm", "PRIMARY", "RESULT_FIELDS"]
+
+PRIMARY = {"method": "andc", "baseline": "magnitude", "density": 0.25,
+           "statistic": "test accuracy after fine-tuning, method minus baseline, paired by seed, 95% CI"}
+SNP_VARIANT_READOUTS = ("adam", "sgd")
+SNP_VARIANT_THRESHOLDS = (0.2, 0.3, 0.5)
+RESULT_FIELDS = ["seed", "method", "density", "accuracy", "accuracy_before_finetune", "images_per_s",
+                 "dense_images_per_s", "linear_density", "classifier_density", "connection_keep_fraction",
+                 "dense_accuracy", "classifier_threshold", "finetune_seconds", "model_digest"]
+
+
+@dataclasses.dataclass
+class StudyConfig:
+    out: str
+    dataset: str = "digits"
+    seeds: Sequence[int] = (0, 1, 2)
+    densities: Sequence[float] = (0.5, 0.25, 0.125)
+    methods: Sequence[str] = ALL_METHODS
+    finetune_epochs: int = 1
+    finetune_subset: Optional[int] = None   # fine-tune on the training part's first N images
+    lr: float = 1e-3
+    model: Optional[str] = None
+    epochs: Optional[int] = None            # training epochs (None: the preset's)
+    block_size: Optional[int] = None
+    train_subset: Optional[int] = None      # the training pool (train + validation)
+    test_subset: Optional[int] = None
+    val_size: int = 500
+    threshold: float = 0.3
+    readout_epochs: int = 10
+    readout_optimizer: str = "adam"
+    classifier_scan: Sequence[float] = CLASSIFIER_SCAN
+    classifier_tolerance: float = 0.005
+    calibration_images: int = 256
+    bench_batch: int = 32
+    bench_rounds: int = 3
+    bench_dtype: str = "float32"
+    checkpoints: Optional[Sequence[str]] = None
+    snp_variants: bool = False              # also SNP with both readouts x SNP_VARIANT_THRESHOLDS
+    data_dir: Optional[str] = None
+    device: Optional[str] = None
+    progress: bool = True
+    verbose: bool = True
+
+    def check(self) -> None:
+        """Raise ConfigError for a bad option (before anything is written)."""
+        def need(ok, msg):
+            if not ok:
+                raise ConfigError(msg)
+        need(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), f"seeds must be distinct, got {list(self.seeds)}")
+        need(len(self.densities) >= 1 and all(0 < d <= 1 for d in self.densities),
+             f"densities must lie in (0, 1], got {list(self.densities)}")
+        bad = [m for m in self.methods if m not in STUDY_METHODS]
+        need(not bad, f"unknown method(s) {bad}; choose from {', '.join(STUDY_METHODS)} or 'all' ({', '.join(ALL_METHODS)})")
+        need(len(self.methods) >= 1 and len(set(self.methods)) == len(self.methods), "methods must be distinct and non-empty")
+        need(self.finetune_epochs >= 0, f"finetune epochs must be >= 0, got {self.finetune_epochs}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.finetune_subset is None or self.finetune_subset >= 1, "finetune subset must be >= 1")
+        need(self.val_size >= 10, f"val size must be >= 10, got {self.val_size}")
+        need(self.train_subset is None or self.train_subset > self.val_size,
+             f"train subset ({self.train_subset}) must exceed the validation size ({self.val_size})")
+        need(self.test_subset is None or self.test_subset >= 1, "test subset must be >= 1")
+        need(self.block_size is None or self.block_size >= 1, "block size must be >= 1")
+        need(0 <= self.threshold < 1, f"threshold must lie in [0, 1), got {self.threshold}")
+        need(self.readout_optimizer in snp_mod.ReadoutConfig.OPTIMIZERS,
+             f"readout optimizer must be one of {snp_mod.ReadoutConfig.OPTIMIZERS}")
+        need(self.classifier_tolerance >= 0, "classifier tolerance must be >= 0")
+        need(self.calibration_images >= 1 and self.bench_batch >= 1 and self.bench_rounds >= 1,
+             "calibration images, bench batch and bench rounds must be >= 1")
+        need(self.bench_dtype in ("float32", "bfloat16", "float16"), f"bench dtype {self.bench_dtype!r}")
+        need(self.checkpoints is None or len(self.checkpoints) == len(self.seeds),
+             "give one checkpoint per seed")
+        for c in self.checkpoints or ():
+            need(os.path.isfile(c), f"checkpoint {c} does not exist")
+        need(not os.path.isfile(self.out), f"--out {self.out} is a file, not a directory")
+        try:
+            data.dataset_info(self.dataset)
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(str(exc.args[0] if exc.args else exc)) from exc
+        if not self.checkpoints:
+            # missing or corrupt data fails here (DataError: exit 2), before anything is written
+            data.get_dataset(self.dataset, "train", data_dir=self.data_dir)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("seeds", "densities", "methods", "classifier_scan", "checkpoints"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+
+
+def _t_interval(x: Sequence[float]):
+    from scipy import stats
+    n = len(x)
+    mean = sum(x) / n
+    if n < 2:
+        return mean, [None, None], None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return mean, [mean - half, mean + half], sd
+
+
+def _paired_p(diffs: Sequence[float]) -> Optional[float]:
+    from scipy import stats
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in diffs) / (n - 1))
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    t = mean / (sd / math.sqrt(n))
+    return float(2 * stats.t.sf(abs(t), n - 1))
+
+
+def holm(pvalues: Sequence[Optional[float]]) -> List[Optional[float]]:
+    """Holm step-down adjusted p-values (None stays None)."""
+    idx = [i for i, p in enumerate(pvalues) if p is not None]
+    order = sorted(idx, key=lambda i: pvalues[i])
+    m = len(order)
+    adj: List[Optional[float]] = [None] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adj[i] = running
+    return adj
+
+
+def pareto_frontier(cells: List[dict]) -> List[dict]:
+    """The cells no other cell beats on both mean accuracy and mean images/s (ties kept),
+    fastest first: where each method sits on the accuracy vs speed frontier."""
+    pts = [c for c in cells if c.get("images_per_s_mean") is not None]
+    front = [c for c in pts if not any(o["accuracy_mean"] >= c["accuracy_mean"] and o["images_per_s_mean"] >= c["images_per_s_mean"]
+                                       and (o["accuracy_mean"] > c["accuracy_mean"] or o["images_per_s_mean"] > c["images_per_s_mean"])
+                                       for o in pts)]
+    return [{"method": c["method"], "density": c["density"], "accuracy_mean": c["accuracy_mean"],
+             "images_per_s_mean": c["images_per_s_mean"]} for c in sorted(front, key=lambda c: -c["images_per_s_mean"])]
+
+
+def summarize_results(rows: List[dict], baseline: str = "magnitude") -> Dict[str, Any]:
+    """``cells`` (method x density: n, mean accuracy, 95% t CI, images/s) and ``paired`` (method
+    x density minus ``baseline``, paired by seed: mean diff, 95% CI, p, Holm-adjusted p)."""
+    by: Dict[tuple, Dict[int, dict]] = {}
+    for r in rows:
+        by.setdefault((r["method"], float(r["density"])), {})[int(r["seed"])] = r
+    cells = []
+    for (m, d), seeds in sorted(by.items()):
+        acc = [float(r["accuracy"]) for r in seeds.values()]
+        mean, ci, sd = _t_interval(acc)
+        ips = [float(r["images_per_s"]) for r in seeds.values() if r.get("images_per_s") not in (None, "")]
+        ips_mean, ips_ci, _ = _t_interval(ips) if ips else (None, [None, None], None)
+        before = [float(r["accuracy_before_finetune"]) for r in seeds.values()]
+        # images/s over the dense model's, timed interleaved in the same cell: steadier than raw
+        # images/s on a shared machine
+        speed = [float(r["images_per_s"]) / float(r["dense_images_per_s"]) for r in seeds.values()
+                 if r.get("images_per_s") not in (None, "") and r.get("dense_images_per_s") not in (None, "", 0)]
+        cells.append({"method": m, "density": d, "n": len(acc), "accuracy_mean": mean, "ci95": ci, "sd": sd,
+                      "accuracy_before_finetune_mean": sum(before) / len(before),
+                      "images_per_s_mean": ips_mean, "images_per_s_ci95": ips_ci,
+                      "speedup_vs_dense_mean": sum(speed) / len(speed) if speed else None,
+                      "linear_density_mean": sum(float(r["linear_density"]) for r in seeds.values()) / len(acc)})
+    paired = []
+    for (m, d), seeds in sorted(by.items()):
+        if m == baseline or (baseline, d) not in by:
+            continue
+        base = by[(baseline, d)]
+        common = sorted(set(seeds) & set(base))
+        diffs = [float(seeds[s]["accuracy"]) - float(base[s]["accuracy"]) for s in common]
+        if not diffs:
+            continue
+        mean, ci, _ = _t_interval(diffs)
+        primary = (m == PRIMARY["method"] and baseline == PRIMARY["baseline"] and abs(d - PRIMARY["density"]) < 1e-9)
+        paired.append({"method": m, "baseline": baseline, "density": d, "n": len(diffs), "seeds": common,
+                       "mean_diff": mean, "ci95": ci, "p_value": _paired_p(diffs), "primary": primary})
+    secondary = [p for p in paired if not p["primary"]]
+    for p, a in zip(secondary, holm([p["p_value"] for p in secondary])):
+        p["p_holm"] = a
+    for p in paired:
+        if p["primary"]:
+            p["p_holm"] = p["p_value"]  # the one question fixed in advance: no correction
+    return {"cells": cells, "paired": paired, "frontier": pareto_frontier(cells),
+            "multiple_comparisons": "Holm step-down over the secondary comparisons (every method x "
+                                    "density against the baseline except the primary one); p-values "
+                                    "from two-sided paired t-tests over seeds"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-seed steps
+
+
+class _Study:
+    def __init__(self, cfg: StudyConfig):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.B = cfg.block_size or DEFAULT_BLOCK_SIZE.get(data.canonical_name(cfg.dataset), 32)
+        self.say = print if cfg.verbose else (lambda *a, **k: None)
+
+    # -- data and model --------------------------------------------------------------------
+    def _pool_size(self, record) -> int:
+        n = len(data.from_record(record, "train", data_dir=self.cfg.data_dir))
+        return min(n, self.cfg.train_subset) if self.cfg.train_subset else n
+
+    def model_for_seed(self, seed: int, seed_dir: str):
+        cfg = self.cfg
+        if cfg.checkpoints:
+            model, ckpt = load_checkpoint(cfg.checkpoints[list(cfg.seeds).index(seed)], map_location="cpu")
+            return model, ckpt, "checkpoint"
+        train_dir = os.path.join(seed_dir, "train")
+        ckpt_path = os.path.join(train_dir, CHECKPOINT_NAME)
+        if not os.path.isfile(os.path.join(train_dir, "metrics.json")):
+            probe = {"name": data.canonical_name(cfg.dataset), "data_dir": cfg.data_dir}
+            pool = self._pool_size(probe)
+            if pool <= cfg.val_size:
+                raise ConfigError(f"the training split has {pool} samples; the validation split needs fewer "
+                                  f"than that (val size {cfg.val_size})")
+            fields: Dict[str, Any] = dict(out=train_dir, seed=seed, data_dir=cfg.data_dir, device=str(self.device),
+                                          verbose=cfg.verbose, progress=cfg.progress,
+                                          train_subset=pool - cfg.val_size, test_subset=cfg.test_subset,
+                                          # the test split is read once, after the last epoch (no
+                                          # per-epoch test accuracy for anyone to look at)
+                                          eval_every=10 ** 6)
+            if os.path.isfile(ckpt_path):
+                fields["resume"] = "auto"
+            if cfg.epochs is not None:
+                fields["epochs"] = cfg.epochs
+            if cfg.model is not None:
+                fields["model"] = cfg.model
+            preset = preset_for_dataset(data.canonical_name(cfg.dataset))
+            tc = get_preset(preset, **fields) if preset else TrainConfig(dataset=cfg.dataset, **fields)
+            self.say(f"[seed {seed}] training {tc.model or 'the default model'} on {cfg.dataset} "
+                     f"({pool - cfg.val_size} training images, {tc.epochs} epochs)", flush=True)
+            train(tc)
+        model, ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        return model, ckpt, "trained"
+
+    def splits(self, ckpt):
+        """(train part, validation, test) datasets and the validation's index range."""
+        cfg, record = self.cfg, ckpt["dataset"]
+        full = data.from_record(record, "train", data_dir=cfg.data_dir)
+        pool = min(len(full), cfg.train_subset) if cfg.train_subset else len(full)
+        trained_on = ckpt.get("dataset", {}).get("train_subset") or (ckpt.get("metrics") or {}).get("train_subset")
+        n_train = pool - cfg.val_size
+        if n_train < 1:
+            raise ConfigError(f"the training split has {pool} samples, too few for a validation split of {cfg.val_size}")
+        train_part = _range_subset(full, 0, n_train)
+        val = _range_subset(full, n_train, pool)
+        test = data.from_record(record, "eval", data_dir=cfg.data_dir, subset=cfg.test_subset)
+        overlap = trained_on is None or int(trained_on) > n_train
+        return train_part, val, test, {"split": "train", "start": n_train, "stop": pool,
+                                       "seen_in_training": bool(overlap) if cfg.checkpoints else False}
+
+    # -- SNP and validation choices --------------------------------------------------------
+    def snp_for_seed(self, seed, seed_dir, model, train_loader, val_loader, num_classes):
+        snp_dir = os.path.join(seed_dir, "snp")
+        if not os.path.isfile(os.path.join(snp_dir, "snp.json")):
+            self.say(f"[seed {seed}] SNP: readouts on the training part, matrices on validation", flush=True)
+            res = snp_mod.run_snp(model, train_loader, val_loader, num_classes, threshold=self.cfg.threshold,
+                                  readout_epochs=self.cfg.readout_epochs, readout_optimizer=self.cfg.readout_optimizer,
+                                  null_draws=100, seed=seed, device=self.device, split="validation",
+                                  dataset=self.cfg.dataset)
+            snp_mod.save(res, snp_dir, plots=False)
+        return RecognizedSets.from_snp(snp_dir, num_blocks=model.num_blocks), snp_dir
+
+    def snp_variants(self, seed, seed_dir, model, train_loader, val_loader, num_classes) -> dict:
+        """SNP of the same model with both readouts (cctk's Adam, the group's SGD without bias)
+        at every threshold of SNP_VARIANT_THRESHOLDS, matrices on validation: per block and group
+        the readout accuracy, cluster size, noise per node (the group's primitives) and SNR."""
+        out = {}
+        for opt in SNP_VARIANT_READOUTS:
+            for theta in SNP_VARIANT_THRESHOLDS:
+                name = f"{opt}_theta{theta}"
+                vdir = os.path.join(seed_dir, "snp_variants", name)
+                if not os.path.isfile(os.path.join(vdir, "snp.json")):
+                    res = snp_mod.run_snp(model, train_loader, val_loader, num_classes, threshold=theta,
+                                          readout_epochs=self.cfg.readout_epochs, readout_optimizer=opt,
+                                          null_draws=100, seed=seed, device=self.device, split="validation",
+                                          dataset=self.cfg.dataset)
+                    snp_mod.save(res, vdir, plots=False)
+                summ = snp_mod.load_snp(vdir).summary
+                keys = ("readout_accuracy", "mean_cluster_size", "mean_noise", "snr", "frac_no_cluster")
+                out[name] = {"readout": opt, "threshold": theta,
+                             "blocks": [{g: {k: blk[g].get(k) for k in keys} for g in ("mha", "ff")}
+                                        for blk in summ["blocks"]]}
+        return out
+
+    def choose_classifier(self, model, val_loader, num_classes):
+        """The classifier threshold chosen on validation data (see the module doc)."""
+        run = Run(out_dir=self.cfg.out, dataset=self.cfg.dataset, device=self.device, verbose=False)
+        run.model, run.num_classes = model, num_classes
+        run.analysed_loader = run.test_loader = val_loader   # both validation: no test image
+        scan_classifier(run, self.B, self.cfg.classifier_scan, classifier_threshold=None)
+        dense_val = evaluate(model.to(self.device), val_loader, self.device)["accuracy"]
+        ok = [r for r in run.scan_rows if r["accuracy"] >= dense_val - self.cfg.classifier_tolerance]
+        chosen = max(ok, key=lambda r: r["threshold"])["threshold"] if ok else None
+        sets = None
+        if chosen is not None:
+            sets = final_stream_sets(model, final_stream_means(model, val_loader, num_classes, self.device), chosen)
+        return chosen, sets, {"threshold": chosen, "chosen_on": "validation", "tolerance": self.cfg.classifier_tolerance,
+                              "rule": "largest threshold whose validation accuracy is within tolerance of dense",
+                              "dense_validation_accuracy": dense_val, "scan": run.scan_rows}
+
+    # -- one cell ----------------------------------------------------------------------------
+    def prune(self, method, density, seed, model, sets, cls_sets, calib):
+        if method in BLOCK_METHODS:
+            opts = {}
+            if method in ("andc", "andc-shuffled", "andc-magnitude"):
+                opts = dict(classifier_sets=cls_sets, prune_classifier=cls_sets is not None)
+            scorer = make_scorer(method, sets=sets, calibration=calib, seed=seed, device=self.device, **opts)
+            n_cls = int(classifier_keep(cls_sets).sum()) if cls_sets is not None else None
+            pruned, plan = prune_blocks(model, scorer, density=density, block_size=self.B, classifier_kept=n_cls)
+            dens = density_summary(pruned)
+            keep = None
+            if plan.layer_stats:
+                sizes = {n: model.get_submodule(n).weight.numel() for n in plan.layer_stats}
+                keep = sum(plan.layer_stats[n]["connection_keep_fraction"] * sizes[n] for n in sizes) / sum(sizes.values())
+            return pruned, dens["linear_density"], dens["classifier_density"], keep
+        node_method = "snp" if method == "structured" else "activation"
+        pruned, _ = prune_nodes(model, make_node_scorer(node_method, sets=sets, calibration=calib, device=self.device),
+                                density)
+        names = encoder_linear_names(model)
+        kept = sum(pruned.get_submodule(n).weight.numel() for n in names)
+        total = sum(model.get_submodule(n).weight.numel() for n in names)
+        return pruned, kept / total, 1.0, None
+
+    def throughput(self, pruned, dense, example):
+        dtype = getattr(torch, self.cfg.bench_dtype)
+        fast, fast_dense = optimize(pruned, dtype), optimize(dense, dtype)
+        x = example.to(self.device, dtype)
+        # interleaved rounds, fastest of each (cctk.timing): pruned and dense see the same machine
+        r = models_images_per_s({"pruned": fast, "dense": fast_dense}, x, rounds=self.cfg.bench_rounds)
+        return r["pruned"]["images_per_s"], r["dense"]["images_per_s"]
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """sha256 (first 16 hex digits) of every tensor of the state dict (weights, masks), in order:
+    the fine-tuned model's fingerprint (no decision may depend on the test labels: tested)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                 if t.dtype != torch.bool else t.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _range_subset(dataset, start: int, stop: int):
+    from torch.utils.data import Subset
+    sub = Subset(dataset, range(start, stop))
+    for attr in ("num_classes", "in_channels", "img_size", "classes"):
+        if hasattr(dataset, attr):
+            setattr(sub, attr, getattr(dataset, attr))
+    return sub
+
+
+def _read_rows(path: str) -> List[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        if set(RESULT_FIELDS) - set(r):
+            raise ConfigError(f"{path} is not a cctk study results file (columns {list(r)}); choose another --out")
+    return rows
+
+
+def _write_rows(path: str, rows: List[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in RESULT_FIELDS})
+    atomic_write_text(buf.getvalue(), path)
+
+
+def _cell_key(seed, method, density):
+    return (int(seed), str(method), round(float(density), 6))
+
+
+def run_study(cfg: StudyConfig) -> Dict[str, Any]:
+    """Run (or resume) the study; returns the summary dict (also ``out/summary.json``)."""
+    cfg.check()
+    os.makedirs(cfg.out, exist_ok=True)
+    config_path = os.path.join(cfg.out, "study_config.json")
+    resumable = {k: v for k, v in cfg.as_dict().items() if k not in ("progress", "verbose", "device", "out")}
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            old = json.load(f)
+        fixed = ("dataset", "model", "epochs", "block_size", "train_subset", "test_subset", "val_size", "threshold",
+                 "readout_epochs", "readout_optimizer", "finetune_epochs", "finetune_subset", "lr", "classifier_tolerance",
+                 "classifier_scan", "calibration_images", "checkpoints")
+        changed = [k for k in fixed if old.get(k) != resumable.get(k)]
+        if changed:
+            raise ConfigError(f"{cfg.out} holds a study with other settings ({', '.join(changed)}); "
+                              "use another --out or the same options")
+        # seeds, densities and methods may grow: new cells are added, finished ones kept
+    atomic_write_text(json.dumps(resumable, indent=1) + "\n", config_path)
+    st = _Study(cfg)
+    preset = preset_for_dataset(data.canonical_name(cfg.dataset))
+    threads = get_preset(preset).cpu_threads if preset is not None else None
+    threads_before = torch.get_num_threads()
+    if threads is not None and st.device.type == "cpu":
+        torch.set_num_threads(int(threads))  # the preset's (digits: 1, faster for its tiny ops)
+    try:
+        return _run_cells(cfg, st, t0=time.perf_counter())
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
+    results_path = os.path.join(cfg.out, "results.csv")
+    rows = _read_rows(results_path)
+    done = {_cell_key(r["seed"], r["method"], r["density"]) for r in rows}
+    seeds_info: Dict[str, Any] = {}
+    info_path = os.path.join(cfg.out, "seeds.json")
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            seeds_info = json.load(f)
+    from tqdm.auto import tqdm
+    total = len(cfg.seeds) * len(cfg.methods) * len(cfg.densities)
+    bar = tqdm(total=total, initial=sum(1 for s in cfg.seeds for m in cfg.methods for d in cfg.densities
+                                        if _cell_key(s, m, d) in done),
+               desc="study cells", disable=not cfg.progress)
+    try:
+        for seed in cfg.seeds:
+            todo = [(m, d) for d in cfg.densities for m in cfg.methods if _cell_key(seed, m, d) not in done]
+            if not todo:
+                continue
+            seed_dir = os.path.join(cfg.out, f"seed{seed}")
+            model, ckpt, source = st.model_for_seed(seed, seed_dir)
+            model = model.to(st.device).eval()
+            train_part, val, test, val_info = st.splits(ckpt)
+            num_classes = train_part.num_classes
+            ft_part = (train_part if cfg.finetune_subset is None
+                       else _range_subset(train_part, 0, min(len(train_part), cfg.finetune_subset)))
+            train_loader = data.build_loader(ft_part, 64, shuffle=True, seed=seed)
+            train_plain = data.build_loader(train_part, 256, shuffle=False)
+            val_loader = data.build_loader(val, 256, shuffle=False)
+            test_loader = data.build_loader(test, 256, shuffle=False)
+            calib = [x for x, _ in data.build_loader(_range_subset(train_part, 0, min(len(train_part), cfg.calibration_images)),
+                                                       64, shuffle=False)]
+            sets, snp_dir = st.snp_for_seed(seed, seed_dir, model, train_plain, val_loader, num_classes)
+            threshold, cls_sets, cls_info = st.choose_classifier(model, val_loader, num_classes)
+            variants = (st.snp_variants(seed, seed_dir, model, train_plain, val_loader, num_classes)
+                        if cfg.snp_variants else None)
+            dense_acc = evaluate(model, test_loader, st.device)["accuracy"]
+            seeds_info[str(seed)] = {"model_source": source, "validation": val_info, "classifier": cls_info,
+                                     "dense_test_accuracy": dense_acc, "snp_dir": os.path.abspath(snp_dir),
+                                     "model": model.config.get("name") if hasattr(model, "config") else None,
+                                     "snp_variants": variants}
+            atomic_write_text(json.dumps(seeds_info, indent=1) + "\n", info_path)
+            st.say(f"[seed {seed}] dense test accuracy {dense_acc:.4f}; classifier threshold "
+                   f"{threshold} (chosen on validation)", flush=True)
+            example = next(iter(data.build_loader(test, cfg.bench_batch, shuffle=False)))[0]
+            for method, density in todo:
+                bar.set_postfix_str(f"seed {seed} {method} {density}")
+                # every cell of a seed starts from the same RNG state: a resumed study equals an
+                # uninterrupted one, and the methods share the fine-tune's randomness (paired)
+                seed_everything(seed)
+                pruned, lin_d, cls_d, keep = st.prune(method, density, seed, model, sets, cls_sets, calib)
+                pruned = pruned.to(st.device)
+                acc0 = evaluate(pruned, test_loader, st.device)["accuracy"]
+                t1 = time.perf_counter()
+                finetune(pruned, train_loader, epochs=cfg.finetune_epochs, lr=cfg.lr, device=st.device)
+                ft_s = time.perf_counter() - t1
+                acc = evaluate(pruned, test_loader, st.device)["accuracy"]
+                digest = model_digest(pruned)
+                if method in BLOCK_METHODS:
+                    convert_to_andc(pruned)
+                ips, dense_ips = st.throughput(pruned, model, example)
+                rows.append({"seed": seed, "method": method, "density": density, "accuracy": acc,
+                             "accuracy_before_finetune": acc0, "images_per_s": ips, "dense_images_per_s": dense_ips,
+                             "linear_density": lin_d, "classifier_density": cls_d, "connection_keep_fraction": keep,
+                             "dense_accuracy": dense_acc, "classifier_threshold": threshold,
+                             "finetune_seconds": ft_s, "model_digest": digest})
+                _write_rows(results_path, rows)   # a finished cell is on disk before the next starts
+                done.add(_cell_key(seed, method, density))
+                bar.update(1)
+    finally:
+        bar.close()
+    return write_summary(cfg, rows, seeds_info, time.perf_counter() - t0)
+
+
+def write_summary(cfg: StudyConfig, rows: List[dict], seeds_info: dict, wall: float) -> Dict[str, Any]:
+    wanted = {_cell_key(s, m, d) for s in cfg.seeds for m in cfg.methods for d in cfg.densities}
+    rows = [r for r in rows if _cell_key(r["seed"], r["method"], r["density"]) in wanted]
+    stats = summarize_results(rows)
+    summary = {"primary_question": PRIMARY, "config": cfg.as_dict(), "block_size": _Study(cfg).B,
+               "seeds": seeds_info, **stats, "rows": len(rows), "wall_time_s_this_sitting": wall,
+               "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads()}}
+    atomic_write_text(json.dumps(summary, indent=1, default=str) + "\n", os.path.join(cfg.out, "summary.json"))
+    write_study_report(cfg.out, summary)
+    return summary
+
+
+def write_study_report(out: str, summary: Dict[str, Any]) -> str:
+    """report.html: the primary question first, then accuracy vs density and accuracy vs images/s
+    (per method, mean and 95% CI error bars), then the tables."""
+    from cctk.report.html import _plt, _png, _img
+    cells = summary["cells"]
+    methods = sorted({c["method"] for c in cells})
+    parts = [f"<h1>cctk study: {html.escape(str(summary['config']['dataset']))}</h1>",
+             "<h2>The test this study was designed for (stated before the numbers)</h2>",
+             f"<p>Primary: {html.escape(PRIMARY['method'])} minus {html.escape(PRIMARY['baseline'])} at density "
+             f"{PRIMARY['density']}: {html.escape(PRIMARY['statistic'])}. Every other comparison is secondary "
+             "(Holm-corrected). All tuned choices (SNP label sets, classifier threshold) were made on the "
+             "validation split carved from the training split; the test split only gives the numbers below.</p>"]
+    plt = _plt()
+    if plt is not None and cells:
+        for xkey, title in (("density", "accuracy vs density"), ("images_per_s_mean", "accuracy vs images/s")):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for m in methods:
+                cs = sorted((c for c in cells if c["method"] == m and c.get(xkey) is not None), key=lambda c: c[xkey])
+                if not cs:
+                    continue
+                xs = [c[xkey] for c in cs]
+                ys = [c["accuracy_mean"] for c in cs]
+                err = [[y - (c["ci95"][0] if c["ci95"][0] is not None else y) for y, c in zip(ys, cs)],
+                       [(c["ci95"][1] if c["ci95"][1] is not None else y) - y for y, c in zip(ys, cs)]]
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=m)
+            if xkey != "density" and summary.get("frontier"):
+                fr = sorted(summary["frontier"], key=lambda c: c["images_per_s_mean"])
+                ax.plot([c["images_per_s_mean"] for c in fr], [c["accuracy_mean"] for c in fr], "k--", lw=1,
+                        label="Pareto frontier")
+            ax.set_xlabel("target density" if xkey == "density" else "images/s (cctk.optimize)")
+            ax.set_ylabel("test accuracy after fine-tuning")
+            ax.set_title(title + " (mean, 95% CI over seeds)")
+            ax.legend(fontsize=7)
+            parts.append(_img(_png(fig), title))
+            plt.close(fig)
+    parts.append("<h2>Paired differences against magnitude</h2><table border=1><tr><th>method</th><th>density</th>"
+                 "<th>n</th><th>mean diff</th><th>95% CI</th><th>p</th><th>p (Holm)</th><th>primary</th></tr>")
+    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    _ips = lambda v: "" if v is None else f"{v:.0f}"  # noqa: E731
+    ci = lambda c: "n/a (n < 2)" if c[0] is None else f"[{c[0]:.4f}, {c[1]:.4f}]"  # noqa: E731
+    for p in summary["paired"]:
+        parts.append(f"<tr><td>{p['method']}</td><td>{p['density']}</td><td>{p['n']}</td><td>{fmt(p['mean_diff'])}</td>"
+                     f"<td>{ci(p['ci95'])}</td><td>{fmt(p['p_value'])}</td>"
+                     f"<td>{fmt(p.get('p_holm'))}</td><td>{'yes' if p['primary'] else ''}</td></tr>")
+    parts.append("</table><h2>Accuracy vs images/s: the Pareto frontier</h2><p>"
+                 + (", ".join(f"{html.escape(c['method'])} at {c['density']} ({c['accuracy_mean']:.4f}, "
+                              f"{c['images_per_s_mean']:.0f} images/s)" for c in summary.get("frontier", []))
+                    or "no timings") + "</p>")
+    parts.append("<h2>Cells</h2><table border=1><tr><th>method</th><th>density</th><th>n</th>"
+                 "<th>accuracy</th><th>95% CI</th><th>before fine-tune</th><th>images/s</th><th>x dense</th>"
+                 "<th>linear density</th></tr>")
+    for c in cells:
+        parts.append(f"<tr><td>{c['method']}</td><td>{c['density']}</td><td>{c['n']}</td><td>{fmt(c['accuracy_mean'])}</td>"
+                     f"<td>{ci(c['ci95'])}</td><td>{fmt(c['accuracy_before_finetune_mean'])}</td>"
+                     f"<td>{_ips(c['images_per_s_mean'])}</td><td>{fmt(c.get('speedup_vs_dense_mean'))}</td>"
+                     f"<td>{fmt(c['linear_density_mean'])}</td></tr>")
+    parts.append("</table>")
+    path = os.path.join(out, "report.html")
+    atomic_write_text("<!doctype html><html><head><meta charset='utf-8'><title>cctk study</title></head><body>"
+                      + "\n".join(parts) + "</body></html>\n", path)
+    return path
