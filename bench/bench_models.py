@@ -217,6 +217,7 @@ def _group(g, full):
         return _GROUPS[g]
     dtype, batch, density = g
     x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+    torch._dynamo.reset()  # each group compiles new model objects: start below dynamo's recompile limit
     runs, skipped, refs = {}, {}, {}
     for p in PROVIDERS:
         if p in FULL_ONLY and not full:
