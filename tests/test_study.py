@@ -149,3 +149,15 @@ def test_shuffled_test_labels_change_no_mask_threshold_or_weight(tmp_path, monke
     assert all(np.array_equal(na[k], nb[k]) for k in na.files if k.endswith("_recognized"))  # label sets
     # ... and the test labels were really shuffled: the reported accuracies move
     assert [r["accuracy"] for r in rows_a] != [r["accuracy"] for r in rows_b]
+
+
+def test_dense_classifier_control(tmp_path):
+    """--dense-classifier: no classifier ANDC for any method (the control for structured removal,
+    which keeps the classifier dense)."""
+    out = str(tmp_path / "dc")
+    assert main(TINY + ["--seeds", "1", "--methods", "andc,magnitude", "--dense-classifier", "--out", out]) == 0
+    rows = _rows(out)
+    assert {r["method"] for r in rows} == {"andc", "magnitude"}
+    assert all(float(r["classifier_density"]) == 1.0 for r in rows)
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["seeds"]["0"]["classifier"]["threshold"] is None

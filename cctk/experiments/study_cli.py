@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--readout-optimizer", default="adam", help="SNP readout optimiser: adam, lbfgs or sgd")
     p.add_argument("--classifier-tolerance", type=float, default=0.005,
                    help="classifier threshold: largest one within this validation-accuracy loss of dense")
+    p.add_argument("--dense-classifier", action="store_true",
+                   help="keep the classifier dense for every method (no classifier ANDC): the control for "
+                        "structured removal, which never prunes the classifier")
     p.add_argument("--snp-variants", action="store_true",
                    help="also SNP with both readouts (adam, the group's sgd) x theta 0.2/0.3/0.5 on validation")
     p.add_argument("--checkpoints", default=None, help="comma list of trained checkpoints, one per seed")
@@ -85,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
                       readout_optimizer=args.readout_optimizer, classifier_tolerance=args.classifier_tolerance,
                       checkpoints=_list(args.checkpoints, str, "checkpoints") if args.checkpoints else None,
                       snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, data_dir=args.data_dir,
-                      device=args.device, progress=not args.no_progress)
+                      device=args.device, progress=not args.no_progress,
+                      **({"classifier_scan": ()} if args.dense_classifier else {}))
     summary = run_study(cfg)
     for p in summary["paired"]:
         if p["primary"]:
