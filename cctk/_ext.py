@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from cctk._library import LIB  # noqa: F401  (the cctk torch.library fragment)
+
 _STATE = {"loaded": None, "error": None, "module": None}
 
 REINSTALL_HINT = ("reinstall cctk from source against the installed torch: "
@@ -20,10 +22,10 @@ REINSTALL_HINT = ("reinstall cctk from source against the installed torch: "
 def _load():
     if _STATE["loaded"] is not None:
         return _STATE["loaded"]
-    # Schemas live in Python; define them before the C++ kernels register against them.
-    from cctk.ops import _library  # noqa: F401
+    # The cctk library fragment exists before the C++ kernels register against it (the op
+    # schemas are declared by cctk.ops, which imports this module first).
     try:
-        from cctk import _build_info
+        import cctk._build_info as _build_info
         built_for = getattr(_build_info, "TORCH_VERSION", None)
         with_ext = getattr(_build_info, "WITH_EXT", False)
     except ImportError:

@@ -1,6 +1,6 @@
 """cctk ops: one module per op, each with its torch.library schema, fake implementation,
 PyTorch reference twin (``*_ref``) and dispatch to the compiled / Triton kernels."""
-from cctk.ops import _library  # noqa: F401  (the cctk torch.library fragment)
+from cctk._library import LIB  # noqa: F401  (the cctk torch.library fragment)
 from cctk.ops.label_sum import check_labels, label_sum, label_sum_ref
 from cctk.ops.bsr_linear import (bsr_linear, bsr_linear_backward_input_ref, bsr_linear_backward_weight_ref,
                                   bsr_linear_ref, bsr_to_dense, bsr_transpose_index, dense_to_bsr)

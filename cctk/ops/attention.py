@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cctk import _ext
-from cctk.ops._library import define
+from cctk._library import define
 
 BACKENDS = ("auto", "ext", "sdpa", "torch")
 MAX_EXT_HEAD_DIM = 256

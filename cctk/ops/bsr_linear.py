@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cctk import _ext
-from cctk.ops._library import define
+from cctk._library import define
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64)
 BACKENDS = ("auto", "ext", "triton", "torch")

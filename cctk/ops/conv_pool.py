@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cctk import _ext
-from cctk.ops._library import define
+from cctk._library import define
 
 
 def _out(n: int, k: int, s: int, p: int) -> int:

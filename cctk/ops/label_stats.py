@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cctk.ops._library import define
+from cctk._library import define
 from cctk.ops.label_sum import check_labels, label_counts
 
 MODES = ("pooled", "token")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from cctk import _ext
-from cctk.ops._library import define
+from cctk._library import define
 
 
 def label_sum_ref(x: torch.Tensor, labels: torch.Tensor, num_labels: int):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cctk import _ext
-from cctk.ops._library import define
+from cctk._library import define
 
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
