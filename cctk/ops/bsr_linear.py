@@ -32,6 +32,7 @@ from cctk import _ext
 from cctk._library import define
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64)
+EPILOGUE_ACTIVATIONS = ("none", "gelu")
 BACKENDS = ("auto", "ext", "triton", "torch")
 
 
@@ -165,11 +166,16 @@ def bsr_linear_epilogue_ref(x, values, crow_indices, col_indices, bias, out_feat
                             packed=None):
     """``GELU?(x @ W^T + bias) (+ residual)``: the reference of the fused-epilogue forward
     (``packed``, the kernel's own copy of the weights, is not needed here)."""
-    y = bsr_linear_ref(x, values, crow_indices, col_indices, bias, out_features)
+    if activation not in EPILOGUE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {EPILOGUE_ACTIVATIONS}, got {activation!r}")
+    return _apply_epilogue(bsr_linear_ref(x, values, crow_indices, col_indices, bias, out_features), activation,
+                           residual)
+
+
+def _apply_epilogue(y: torch.Tensor, activation: str, residual: torch.Tensor | None) -> torch.Tensor:
+    """The epilogue as separate (differentiable) ops: GELU if asked, then + residual."""
     if activation == "gelu":
         y = F.gelu(y)
-    elif activation != "none":
-        raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
     return y if residual is None else y + residual
 
 
@@ -391,9 +397,6 @@ class _BsrLinearTriton(torch.autograd.Function):
         return grad_x, grad_values, None, None, None, None, None, grad_bias, None
 
 
-EPILOGUE_ACTIVATIONS = ("none", "gelu")
-
-
 def bsr_linear_epilogue(x: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
                         col_indices: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                         activation: str = "none", residual: torch.Tensor | None = None,
@@ -420,9 +423,7 @@ def bsr_linear_epilogue(x: torch.Tensor, values: torch.Tensor, crow_indices: tor
     if needs_grad or resolved != "ext" or x.device.type != "cpu":  # the fused epilogue is a CPU kernel
         y = bsr_linear(x, values, crow_indices, col_indices, bias, out_features, backend=resolved,
                        transposed_index=transposed_index)
-        if activation == "gelu":
-            y = F.gelu(y)
-        return y if residual is None else y + residual
+        return _apply_epilogue(y, activation, residual)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     r2 = None if residual is None else residual.reshape(-1, out_features)
     y = _op_epilogue(x2, values, crow_indices, col_indices, bias, out_features, activation, r2)

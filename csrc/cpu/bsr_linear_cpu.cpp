@@ -603,11 +603,9 @@ at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const 
     at::Tensor in32 = st == at::kFloat ? in : in.to(at::kFloat);
     at::Tensor bias32 = bias.defined() ? (st == at::kFloat ? bias : bias.to(at::kFloat)) : bias;
     at::Tensor out32 = st == at::kFloat ? out : at::empty({M, out_cols}, in.options().dtype(at::kFloat));
-    if (prepacked) {
-    } else if (st == at::kFloat) {
-      pack_blocks<float, float>(values.data_ptr<float>(), pperm, nnz, B, forward, P.data());
-    } else {
-      pack_blocks<at::BFloat16, float>(values.data_ptr<at::BFloat16>(), pperm, nnz, B, forward, P.data());
+    if (!prepacked) {
+      if (st == at::kFloat) pack_blocks<float, float>(values.data_ptr<float>(), pperm, nnz, B, forward, P.data());
+      else pack_blocks<at::BFloat16, float>(values.data_ptr<at::BFloat16>(), pperm, nnz, B, forward, P.data());
     }
     const float* Pp = prepacked ? packed.data_ptr<float>() : P.data();
     const bool fused = st == at::kFloat && cap >= Capability::AVX512 && (B == 16 || B == 32 || B == 64);

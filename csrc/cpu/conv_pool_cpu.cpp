@@ -66,8 +66,9 @@ void conv_row_scalar(const ConvPool& g, const T* x, const float* Wp, int64_t b, 
   }
 }
 
+constexpr int PT = 4;  // conv output positions per register tile (AVX-512 path)
+
 #ifdef CCTK_X86
-constexpr int PT = 4;  // conv output positions per register tile
 
 // patch[t][tap] (fp32, zero padded) for the PT positions c0.. of conv row r
 template <typename T>
@@ -137,10 +138,7 @@ CCTK_AVX512 void pool_row_avx512(const ConvPool& g, const float* const* rows, in
       if constexpr (std::is_same_v<T, float>) {
         _mm512_storeu_ps(yo + co, m);
       } else {
-        const __m512i u = _mm512_castps_si512(m);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        const __m512i rr = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(yo + co), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rr, 16)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(yo + co), vec::ps_to_bf16(m));
       }
     }
   }
@@ -169,7 +167,7 @@ void run(const ConvPool& g, const XT* x, const float* Wp, T* y, bool vec) {
   at::parallel_for(0, g.B * bands, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> ring(static_cast<size_t>(g.pk) * g.Wc * g.Cout);
     std::vector<int64_t> held(g.pk, -1);
-    std::vector<float> patch(4 * g.K()), tail(4 * g.Cout);
+    std::vector<float> patch(PT * g.K()), tail(PT * g.Cout);
     std::vector<const float*> rows(g.pk);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / bands, band = u % bands;

@@ -55,11 +55,7 @@ CCTK_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {
 }
 CCTK_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 CCTK_AVX512 inline void store16(uint16_t* p, __m512 v, __mmask16 m) {
-  // round to nearest even (finite values), as _mm512_cvtneps_pbh does
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  _mm256_mask_storeu_epi16(p, m, vec::ps_to_bf16(v));
 }
 
 template <typename T>

@@ -75,6 +75,15 @@ CCTK_AVX512 inline __m512 gelu_erf_ps(__m512 x) {
   return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(erf_signed, _mm512_set1_ps(1.f)));
 }
 
+// 16 fp32 lanes -> 16 bf16 (uint16), round to nearest even (finite values), as
+// _mm512_cvtneps_pbh does, for CPUs without AVX512-BF16
+CCTK_AVX512 inline __m256i ps_to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
 // 16 bf16 (uint16) -> 16 fp32 lanes
 CCTK_AVX512 inline __m512 bf16_to_ps(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
