@@ -161,3 +161,21 @@ def test_dense_classifier_control(tmp_path):
     assert all(float(r["classifier_density"]) == 1.0 for r in rows)
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["seeds"]["0"]["classifier"]["threshold"] is None
+
+
+def test_cell_order_puts_the_primary_comparison_first():
+    cfg = study.StudyConfig(out="unused", seeds=(0, 1, 2), densities=(0.5, 0.25, 0.125),
+                            methods=("random", "andc", "wanda", "magnitude"))
+    cells = [study._cell_key(s, m, d) for s in cfg.seeds for m in cfg.methods for d in cfg.densities]
+    order = study.cell_order(cfg, cells)
+    assert sorted(order) == sorted(cells)                        # a permutation: nothing lost or added
+    # the primary pair at 0.25 for every seed, method by method, then the rest of 0.25, then 0.5, 0.125
+    assert order[:6] == [(s, m, 0.25) for m in ("andc", "magnitude") for s in (0, 1, 2)]
+    assert order[6:12] == [(s, m, 0.25) for m in ("random", "wanda") for s in (0, 1, 2)]
+    assert [c[2] for c in order[12:]] == [0.5] * 12 + [0.125] * 12
+    assert order[12:15] == [(s, "random", 0.5) for s in (0, 1, 2)]
+    # without the primary density: density by density, in the order given
+    cfg2 = study.StudyConfig(out="unused", seeds=(0,), densities=(0.125, 0.5), methods=("magnitude", "andc"))
+    cells2 = [study._cell_key(0, m, d) for m in cfg2.methods for d in cfg2.densities]
+    assert study.cell_order(cfg2, cells2) == [(0, "magnitude", 0.125), (0, "andc", 0.125),
+                                              (0, "magnitude", 0.5), (0, "andc", 0.5)]

@@ -20,6 +20,11 @@ Per seed s (``out/seed{s}/``):
    fine-tune with masks fixed, test accuracy, images/s of the pruned model through
    ``cctk.optimize`` (interleaved rounds with the dense model, fastest round).
 
+Steps 1-4 run for every seed first; then the cells run most informative first
+(:func:`cell_order`: the primary comparison for every seed, the other methods at its density,
+then the other densities), with ``summary.json`` and ``report.html`` rewritten after each, so
+a study stopped part-way reports what it has; ``--snp-variants`` runs last.
+
 Methods: the block scorers of :mod:`cctk.prune.scorers` (``andc``, ``magnitude``, ``wanda``,
 ``random``, ``andc-shuffled``: equal per-layer block densities; the non-ANDC block methods keep
 as many classifier weights as ANDC's label-set rule keeps) and structured node removal
@@ -62,7 +67,7 @@ from cctk.prune.scorers import (ALL_METHODS, BLOCK_METHODS, STUDY_METHODS, make_
 from cctk.train import CHECKPOINT_NAME, TrainConfig, evaluate, get_preset, preset_for_dataset, train
 from cctk.train.state import seed_everything
 
-__all__ = ["StudyConfig", "run_study", "summarize_results", "pareto_frontier", "holm", "PRIMARY", "RESULT_FIELDS"]
+__all__ = ["StudyConfig", "run_study", "cell_order", "summarize_results", "pareto_frontier", "holm", "PRIMARY", "RESULT_FIELDS"]
 
 PRIMARY = {"method": "andc", "baseline": "magnitude", "density": 0.25,
            "statistic": "test accuracy after fine-tuning, method minus baseline, paired by seed, 95% CI"}
@@ -473,6 +478,49 @@ def run_study(cfg: StudyConfig) -> Dict[str, Any]:
         torch.set_num_threads(threads_before)
 
 
+def cell_order(cfg: StudyConfig, cells) -> List[tuple]:
+    """The order the study runs its cells in, most informative first, so that a study stopped
+    part-way has answered what matters most: the primary comparison (PRIMARY's method and
+    baseline at its density, every seed), then the other methods at that density, then the other
+    densities; within a tier method by method (every seed of a method before the next method).
+    Every cell restarts from its seed's RNG state, so the order never changes a result."""
+    dens = [round(float(d), 6) for d in cfg.densities]
+    methods, seeds = list(cfg.methods), [int(s) for s in cfg.seeds]
+    primary_d = round(float(PRIMARY["density"]), 6)
+
+    def rank(cell):
+        seed, method, d = cell
+        tier = (0 if method in (PRIMARY["method"], PRIMARY["baseline"]) else 1) if d == primary_d else 2
+        return (tier, dens.index(d), methods.index(method), seeds.index(seed))
+    return sorted(cells, key=rank)
+
+
+def _prepare_seed(cfg: StudyConfig, st: "_Study", seed: int) -> Dict[str, Any]:
+    """Everything a seed's cells share: its trained model, loaders, calibration images, SNP
+    label sets and the classifier threshold (both chosen on validation), the dense test accuracy."""
+    seed_dir = os.path.join(cfg.out, f"seed{seed}")
+    model, ckpt, source = st.model_for_seed(seed, seed_dir)
+    model = model.to(st.device).eval()
+    train_part, val, test, val_info = st.splits(ckpt)
+    num_classes = train_part.num_classes
+    ft_part = (train_part if cfg.finetune_subset is None
+               else _range_subset(train_part, 0, min(len(train_part), cfg.finetune_subset)))
+    p = dict(seed_dir=seed_dir, model=model, source=source, val_info=val_info, num_classes=num_classes,
+             train_loader=data.build_loader(ft_part, 64, shuffle=True, seed=seed),
+             train_plain=data.build_loader(train_part, 256, shuffle=False),
+             val_loader=data.build_loader(val, 256, shuffle=False),
+             test_loader=data.build_loader(test, 256, shuffle=False),
+             example=next(iter(data.build_loader(test, cfg.bench_batch, shuffle=False)))[0])
+    p["calib"] = [x for x, _ in data.build_loader(_range_subset(train_part, 0, min(len(train_part), cfg.calibration_images)),
+                                                  64, shuffle=False)]
+    p["sets"], p["snp_dir"] = st.snp_for_seed(seed, seed_dir, model, p["train_plain"], p["val_loader"], num_classes)
+    p["threshold"], p["cls_sets"], p["cls_info"] = st.choose_classifier(model, p["val_loader"], num_classes)
+    p["dense_acc"] = evaluate(model, p["test_loader"], st.device)["accuracy"]
+    st.say(f"[seed {seed}] dense test accuracy {p['dense_acc']:.4f}; classifier threshold "
+           f"{p['threshold']} (chosen on validation)", flush=True)
+    return p
+
+
 def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
     results_path = os.path.join(cfg.out, "results.csv")
     rows = _read_rows(results_path)
@@ -483,67 +531,64 @@ def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
         with open(info_path) as f:
             seeds_info = json.load(f)
     from tqdm.auto import tqdm
-    total = len(cfg.seeds) * len(cfg.methods) * len(cfg.densities)
-    bar = tqdm(total=total, initial=sum(1 for s in cfg.seeds for m in cfg.methods for d in cfg.densities
-                                        if _cell_key(s, m, d) in done),
-               desc="study cells", disable=not cfg.progress)
+    cells = [_cell_key(s, m, d) for s in cfg.seeds for m in cfg.methods for d in cfg.densities]
+    todo = cell_order(cfg, [c for c in cells if c not in done])
+    need_variants = [int(s) for s in cfg.seeds
+                     if cfg.snp_variants and not (seeds_info.get(str(s)) or {}).get("snp_variants")]
+    prep: Dict[int, Dict[str, Any]] = {}
+    # every seed first (training, SNP, validation choices), then the cells, most informative first
+    for seed in cfg.seeds:
+        seed = int(seed)
+        if not any(c[0] == seed for c in todo) and seed not in need_variants:
+            continue
+        p = prep[seed] = _prepare_seed(cfg, st, seed)
+        old = seeds_info.get(str(seed)) or {}
+        seeds_info[str(seed)] = {"model_source": p["source"], "validation": p["val_info"], "classifier": p["cls_info"],
+                                 "dense_test_accuracy": p["dense_acc"], "snp_dir": os.path.abspath(p["snp_dir"]),
+                                 "model": p["model"].config.get("name") if hasattr(p["model"], "config") else None,
+                                 "snp_variants": old.get("snp_variants")}
+        atomic_write_text(json.dumps(seeds_info, indent=1) + "\n", info_path)
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="study cells", disable=not cfg.progress)
     try:
-        for seed in cfg.seeds:
-            todo = [(m, d) for d in cfg.densities for m in cfg.methods if _cell_key(seed, m, d) not in done]
-            if not todo:
-                continue
-            seed_dir = os.path.join(cfg.out, f"seed{seed}")
-            model, ckpt, source = st.model_for_seed(seed, seed_dir)
-            model = model.to(st.device).eval()
-            train_part, val, test, val_info = st.splits(ckpt)
-            num_classes = train_part.num_classes
-            ft_part = (train_part if cfg.finetune_subset is None
-                       else _range_subset(train_part, 0, min(len(train_part), cfg.finetune_subset)))
-            train_loader = data.build_loader(ft_part, 64, shuffle=True, seed=seed)
-            train_plain = data.build_loader(train_part, 256, shuffle=False)
-            val_loader = data.build_loader(val, 256, shuffle=False)
-            test_loader = data.build_loader(test, 256, shuffle=False)
-            calib = [x for x, _ in data.build_loader(_range_subset(train_part, 0, min(len(train_part), cfg.calibration_images)),
-                                                       64, shuffle=False)]
-            sets, snp_dir = st.snp_for_seed(seed, seed_dir, model, train_plain, val_loader, num_classes)
-            threshold, cls_sets, cls_info = st.choose_classifier(model, val_loader, num_classes)
-            variants = (st.snp_variants(seed, seed_dir, model, train_plain, val_loader, num_classes)
-                        if cfg.snp_variants else None)
-            dense_acc = evaluate(model, test_loader, st.device)["accuracy"]
-            seeds_info[str(seed)] = {"model_source": source, "validation": val_info, "classifier": cls_info,
-                                     "dense_test_accuracy": dense_acc, "snp_dir": os.path.abspath(snp_dir),
-                                     "model": model.config.get("name") if hasattr(model, "config") else None,
-                                     "snp_variants": variants}
-            atomic_write_text(json.dumps(seeds_info, indent=1) + "\n", info_path)
-            st.say(f"[seed {seed}] dense test accuracy {dense_acc:.4f}; classifier threshold "
-                   f"{threshold} (chosen on validation)", flush=True)
-            example = next(iter(data.build_loader(test, cfg.bench_batch, shuffle=False)))[0]
-            for method, density in todo:
-                bar.set_postfix_str(f"seed {seed} {method} {density}")
-                # every cell of a seed starts from the same RNG state: a resumed study equals an
-                # uninterrupted one, and the methods share the fine-tune's randomness (paired)
-                seed_everything(seed)
-                pruned, lin_d, cls_d, keep = st.prune(method, density, seed, model, sets, cls_sets, calib)
-                pruned = pruned.to(st.device)
-                acc0 = evaluate(pruned, test_loader, st.device)["accuracy"]
-                t1 = time.perf_counter()
-                finetune(pruned, train_loader, epochs=cfg.finetune_epochs, lr=cfg.lr, device=st.device)
-                ft_s = time.perf_counter() - t1
-                acc = evaluate(pruned, test_loader, st.device)["accuracy"]
-                digest = model_digest(pruned)
-                if method in BLOCK_METHODS:
-                    convert_to_andc(pruned)
-                ips, dense_ips = st.throughput(pruned, model, example)
-                rows.append({"seed": seed, "method": method, "density": density, "accuracy": acc,
-                             "accuracy_before_finetune": acc0, "images_per_s": ips, "dense_images_per_s": dense_ips,
-                             "linear_density": lin_d, "classifier_density": cls_d, "connection_keep_fraction": keep,
-                             "dense_accuracy": dense_acc, "classifier_threshold": threshold,
-                             "finetune_seconds": ft_s, "model_digest": digest})
-                _write_rows(results_path, rows)   # a finished cell is on disk before the next starts
-                done.add(_cell_key(seed, method, density))
-                bar.update(1)
+        for seed, method, density in todo:
+            p = prep[seed]
+            model = p["model"]
+            bar.set_postfix_str(f"seed {seed} {method} {density}")
+            # every cell of a seed starts from the same RNG state: a resumed study equals an
+            # uninterrupted one, and the methods share the fine-tune's randomness (paired)
+            seed_everything(seed)
+            pruned, lin_d, cls_d, keep = st.prune(method, density, seed, model, p["sets"], p["cls_sets"], p["calib"])
+            pruned = pruned.to(st.device)
+            acc0 = evaluate(pruned, p["test_loader"], st.device)["accuracy"]
+            t1 = time.perf_counter()
+            finetune(pruned, p["train_loader"], epochs=cfg.finetune_epochs, lr=cfg.lr, device=st.device)
+            ft_s = time.perf_counter() - t1
+            acc = evaluate(pruned, p["test_loader"], st.device)["accuracy"]
+            digest = model_digest(pruned)
+            if method in BLOCK_METHODS:
+                convert_to_andc(pruned)
+            ips, dense_ips = st.throughput(pruned, model, p["example"])
+            rows.append({"seed": seed, "method": method, "density": density, "accuracy": acc,
+                         "accuracy_before_finetune": acc0, "images_per_s": ips, "dense_images_per_s": dense_ips,
+                         "linear_density": lin_d, "classifier_density": cls_d, "connection_keep_fraction": keep,
+                         "dense_accuracy": p["dense_acc"], "classifier_threshold": p["threshold"],
+                         "finetune_seconds": ft_s, "model_digest": digest})
+            _write_rows(results_path, rows)   # a finished cell is on disk before the next starts
+            done.add((seed, method, density))
+            bar.update(1)
+            st.say(f"[cell] seed {seed} {method} {density}: accuracy {acc:.4f} (before fine-tune {acc0:.4f}), "
+                   f"{ips:.0f} images/s", flush=True)
+            # the summary and report follow every cell: a study stopped part-way reports what it has
+            write_summary(cfg, rows, seeds_info, time.perf_counter() - t0)
     finally:
         bar.close()
+    # the SNR / cluster claims on the same models (no cell depends on them: they run last)
+    for seed in need_variants:
+        p = prep[seed]
+        st.say(f"[seed {seed}] SNP variants: readouts {SNP_VARIANT_READOUTS} x theta {SNP_VARIANT_THRESHOLDS}", flush=True)
+        seeds_info[str(seed)]["snp_variants"] = st.snp_variants(seed, p["seed_dir"], p["model"], p["train_plain"],
+                                                                p["val_loader"], p["num_classes"])
+        atomic_write_text(json.dumps(seeds_info, indent=1) + "\n", info_path)
     return write_summary(cfg, rows, seeds_info, time.perf_counter() - t0)
 
 
