@@ -202,7 +202,20 @@ def model_from_config(model_config: Mapping[str, Any]) -> nn.Module:
 
 
 def _install_pruned_layers(model: nn.Module, pruning: Mapping[str, Any]) -> None:
-    """Swap in empty ANDCLinear / MaskedLinear modules of the recorded block masks."""
+    """Swap in empty ANDCLinear / MaskedLinear modules of the recorded block masks, and the
+    narrower dense linears of the recorded structured widths (a smaller dense CCT)."""
+    for b, w in (pruning.get("structured") or {}).items():
+        blk = model.blocks[int(b)]
+        ff, dh = int(w["ff"]), int(w["head_dim"])
+        if ff < 1 or dh < 1:
+            raise ValueError(f"block {b}: structured widths must be >= 1, got {w}")
+        l1, l2, attn = blk.linear1, blk.linear2, blk.self_attn
+        blk.linear1 = nn.Linear(l1.in_features, ff, bias=l1.bias is not None)
+        blk.linear2 = nn.Linear(ff, l2.out_features, bias=l2.bias is not None)
+        inner = attn.num_heads * dh
+        attn.qkv = nn.Linear(attn.qkv.in_features, 3 * inner, bias=attn.qkv.bias is not None)
+        attn.proj = nn.Linear(inner, attn.proj.out_features, bias=attn.proj.bias is not None)
+        attn.head_dim = dh  # attn.scale keeps the trained d_h**-0.5 of the full width
     B = int(pruning["block_size"])
     modules = pruning.get("modules", {})
     for name, bm in pruning["block_masks"].items():

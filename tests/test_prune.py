@@ -417,12 +417,83 @@ def test_cli_prune_andc_and_magnitude(tmp_path, capsys):
     assert rec_m["layers"] == rec["layers"] and rec_m["classifier_density"] == rec["classifier_density"]
 
 
+@pytest.mark.parametrize("method,snp", [("structured", True), ("structured-activation", False)])
+def test_cli_prune_structured_writes_a_smaller_dense_checkpoint(tmp_path, method, snp):
+    """`cctk prune --method structured*`: a smaller dense CCT whose checkpoint reloads to the same
+    function, and that `cctk eval` runs."""
+    from cctk.cli import main
+    from cctk.nn import MaskedLinear
+    from cctk.prune.workflow import calibration_batches, data_loaders, prune_model
+
+    m, ckpt, snp_dir = _tiny_checkpoint(tmp_path)
+    out = tmp_path / method
+    args = ["prune", "--checkpoint", str(ckpt), "--density", "0.5", "--finetune-epochs", "1", "--method", method,
+            "--out", str(out), "--subset", "64", "--device", "cpu"] + (["--snp", str(snp_dir)] if snp else [])
+    assert main(args) == 0
+    rec = json.loads((out / "prune.json").read_text())
+    assert rec["method"] == method and rec["finetune_layers"] == "smaller dense"
+    assert rec["linear_density"] == pytest.approx(0.5, abs=0.05) and rec["classifier_density"] == 1.0
+    loaded, ck = P.load_pruned(out / "checkpoint.pt")
+    widths = ck["pruning"]["structured"]
+    for b, blk in enumerate(loaded.blocks):
+        assert blk.linear1.out_features == widths[str(b)]["ff"] < m.blocks[b].linear1.out_features
+        assert blk.self_attn.qkv.out_features == 3 * m.num_heads * widths[str(b)]["head_dim"]
+        assert not any(isinstance(x, MaskedLinear) for x in loaded.modules())
+    # the reloaded model is the pruned one: the same function as a fresh prune + the saved weights
+    data_loader, _, _ = data_loaders(ck["dataset"], train_subset=64)
+    fresh, _ = prune_model(m, method, P.RecognizedSets.from_snp(snp_dir, num_blocks=m.num_blocks) if snp else None,
+                           density=0.5, calibration=calibration_batches(data_loader.dataset))
+    fresh.load_state_dict(loaded.state_dict())   # same shapes: strict load succeeds
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), fresh.eval()(x))
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--subset", "64", "--device", "cpu",
+                 "--out", str(report)]) == 0
+    assert json.loads(report.read_text())["accuracy"] == pytest.approx(rec["accuracy"])
+
+
+@pytest.mark.parametrize("method", ["wanda", "random", "andc-shuffled", "andc-magnitude"])
+def test_cli_prune_every_block_method(tmp_path, method):
+    from cctk.cli import main
+
+    m, ckpt, snp_dir = _tiny_checkpoint(tmp_path)
+    out = tmp_path / method
+    assert main(["prune", "--checkpoint", str(ckpt), "--snp", str(snp_dir), "--density", "0.25", "--block-size", "16",
+                 "--finetune-epochs", "0", "--method", method, "--out", str(out), "--subset", "64",
+                 "--device", "cpu", "--seed", "3"]) == 0
+    rec = json.loads((out / "prune.json").read_text())
+    assert rec["method"] == method and rec["linear_density"] == pytest.approx(0.25)
+    loaded, _ = P.load_pruned(out / "checkpoint.pt")
+    assert P.density_summary(loaded)["linear_density"] == pytest.approx(0.25)
+
+
+def test_prune_model_tau_gives_every_block_method_andc_per_layer_densities():
+    from cctk.prune.workflow import prune_model
+
+    m = tiny_model()
+    sets = random_sets(m)
+    _, plan = prune_model(m, "andc", sets, block_size=16, tau=0.3)
+    ref = plan.blocks_kept()
+    for method in ("magnitude", "random"):
+        _, p2 = prune_model(m, method, sets, block_size=16, tau=0.3)
+        assert p2.blocks_kept() == ref, method
+        assert int(p2.classifier_mask.sum()) == int(plan.classifier_mask.sum())
+    with pytest.raises(ValueError, match="not tau"):
+        prune_model(m, "structured-activation", None, tau=0.3, calibration=[torch.randn(4, 1, 8, 8)])
+    with pytest.raises(ValueError, match="needs the SNP"):
+        prune_model(m, "magnitude", None, tau=0.3)
+
+
 def test_cli_prune_bad_input(tmp_path, capsys):
     from cctk.cli import main
 
     _, ckpt, snp_dir = _tiny_checkpoint(tmp_path)
-    assert main(["prune", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--method", "andc"]) == 2
-    assert "--snp" in capsys.readouterr().err
+    for method in ("andc", "structured", "andc-shuffled"):
+        assert main(["prune", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--method", method]) == 2
+        assert "--snp" in capsys.readouterr().err
+    assert main(["prune", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--method", "structured-activation",
+                 "--tau", "0.3"]) == 2
+    assert "--density" in capsys.readouterr().err
     assert main(["prune", "--checkpoint", str(ckpt), "--snp", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "nodes.npz" in capsys.readouterr().err
     assert main(["prune", "--checkpoint", str(ckpt), "--snp", str(snp_dir), "--density", "1.5",

@@ -58,12 +58,11 @@ from cctk.errors import ConfigError
 from cctk.experiments.pipeline import CLASSIFIER_SCAN, DEFAULT_BLOCK_SIZE, Run, scan_classifier
 from cctk.optimize import optimize
 from cctk.timing import models_images_per_s
-from cctk.prune.andc import RecognizedSets, encoder_linear_names, final_stream_means, final_stream_sets
+from cctk.prune.andc import RecognizedSets, final_stream_means, final_stream_sets
 from cctk.prune.convert import convert_to_andc, density_summary
 from cctk.prune.finetune import finetune
-from cctk.prune.masks import classifier_keep
-from cctk.prune.scorers import (ALL_METHODS, BLOCK_METHODS, STUDY_METHODS, make_node_scorer, make_scorer,
-                                prune_blocks, prune_nodes)
+from cctk.prune.scorers import ALL_METHODS, BLOCK_METHODS, STUDY_METHODS
+from cctk.prune.workflow import STRUCTURED_METHODS, calibration_batches, prune_model, structured_density
 from cctk.train import CHECKPOINT_NAME, TrainConfig, evaluate, get_preset, preset_for_dataset, train
 from cctk.train.state import seed_everything
 
@@ -373,26 +372,20 @@ class _Study:
 
     # -- one cell ----------------------------------------------------------------------------
     def prune(self, method, density, seed, model, sets, cls_sets, calib):
-        if method in BLOCK_METHODS:
-            opts = {}
-            if method in ("andc", "andc-shuffled", "andc-magnitude"):
-                opts = dict(classifier_sets=cls_sets, prune_classifier=cls_sets is not None)
-            scorer = make_scorer(method, sets=sets, calibration=calib, seed=seed, device=self.device, **opts)
-            n_cls = int(classifier_keep(cls_sets).sum()) if cls_sets is not None else None
-            pruned, plan = prune_blocks(model, scorer, density=density, block_size=self.B, classifier_kept=n_cls)
-            dens = density_summary(pruned)
-            keep = None
-            if plan.layer_stats:
-                sizes = {n: model.get_submodule(n).weight.numel() for n in plan.layer_stats}
-                keep = sum(plan.layer_stats[n]["connection_keep_fraction"] * sizes[n] for n in sizes) / sum(sizes.values())
-            return pruned, dens["linear_density"], dens["classifier_density"], keep
-        node_method = "snp" if method == "structured" else "activation"
-        pruned, _ = prune_nodes(model, make_node_scorer(node_method, sets=sets, calibration=calib, device=self.device),
-                                density)
-        names = encoder_linear_names(model)
-        kept = sum(pruned.get_submodule(n).weight.numel() for n in names)
-        total = sum(model.get_submodule(n).weight.numel() for n in names)
-        return pruned, kept / total, 1.0, None
+        """One method at one density through :func:`cctk.prune.workflow.prune_model`: the
+        classifier pruned by the label-set rule at the threshold chosen on validation (none
+        chosen: dense for every method)."""
+        pruned, plan = prune_model(model, method, sets, block_size=self.B, density=density,
+                                   classifier=cls_sets is not None, classifier_sets=cls_sets,
+                                   calibration=calib, seed=seed, device=self.device)
+        if method in STRUCTURED_METHODS:
+            return pruned, structured_density(model, pruned), 1.0, None
+        dens = density_summary(pruned)
+        keep = None
+        if plan.layer_stats:
+            sizes = {n: model.get_submodule(n).weight.numel() for n in plan.layer_stats}
+            keep = sum(plan.layer_stats[n]["connection_keep_fraction"] * sizes[n] for n in sizes) / sum(sizes.values())
+        return pruned, dens["linear_density"], dens["classifier_density"], keep
 
     def throughput(self, pruned, dense, example):
         dtype = getattr(torch, self.cfg.bench_dtype)
@@ -511,8 +504,7 @@ def _prepare_seed(cfg: StudyConfig, st: "_Study", seed: int) -> Dict[str, Any]:
              val_loader=data.build_loader(val, 256, shuffle=False),
              test_loader=data.build_loader(test, 256, shuffle=False),
              example=next(iter(data.build_loader(test, cfg.bench_batch, shuffle=False)))[0])
-    p["calib"] = [x for x, _ in data.build_loader(_range_subset(train_part, 0, min(len(train_part), cfg.calibration_images)),
-                                                  64, shuffle=False)]
+    p["calib"] = calibration_batches(train_part, cfg.calibration_images)
     p["sets"], p["snp_dir"] = st.snp_for_seed(seed, seed_dir, model, p["train_plain"], p["val_loader"], num_classes)
     p["threshold"], p["cls_sets"], p["cls_info"] = st.choose_classifier(model, p["val_loader"], num_classes)
     p["dense_acc"] = evaluate(model, p["test_loader"], st.device)["accuracy"]

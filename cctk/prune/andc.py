@@ -232,6 +232,9 @@ class PrunePlan:
     tau: Optional[float] = None
     tokens_assumed: bool = False
     layer_stats: Dict[str, dict] = field(default_factory=dict)
+    #: structured pruning: the kept widths per block, {"0": {"ff": d_ff', "head_dim": d_h'}, ...}
+    #: (the model is a smaller dense CCT; no block masks)
+    structured: Optional[Dict[str, Dict[str, int]]] = None
 
     def blocks_kept(self) -> Dict[str, int]:
         return {k: int(v.sum()) for k, v in self.block_masks.items()}
@@ -249,6 +252,7 @@ class PrunePlan:
             "tau": self.tau,
             "tokens_assumed": self.tokens_assumed,
             "layer_stats": self.layer_stats,
+            "structured": self.structured,
         }
 
     @classmethod
@@ -258,7 +262,8 @@ class PrunePlan:
                    classifier_mask=d.get("classifier_mask"),
                    permutations=Permutations.from_dict(perms) if perms is not None else None,
                    min_overlap=d.get("min_overlap", 1), density=d.get("density"), tau=d.get("tau"),
-                   tokens_assumed=d.get("tokens_assumed", False), layer_stats=d.get("layer_stats", {}))
+                   tokens_assumed=d.get("tokens_assumed", False), layer_stats=d.get("layer_stats", {}),
+                   structured=d.get("structured"))
 
 
 def _density_for(density: Optional[Density], name: str) -> Optional[float]:

@@ -1,18 +1,24 @@
-"""``cctk prune``: ANDC (or block-magnitude) pruning of a trained checkpoint, fine-tuning with the
-masks fixed, conversion of every encoder linear to ANDCLinear.
+"""``cctk prune``: prune a trained checkpoint by any method of the scorer API, fine-tune with the
+masks fixed, convert every block-pruned encoder linear to ANDCLinear.
 
-    cctk prune --checkpoint CKPT --snp DIR --density 0.25 --block-size 32 --finetune-epochs N
-               --method andc|magnitude --out DIR [--tau T] [--min-overlap M] [--lr LR]
+    cctk prune --checkpoint CKPT [--snp DIR] --method METHOD --density 0.25 --block-size 32
+               --finetune-epochs N --out DIR [--tau T] [--min-overlap M] [--lr LR] [--seed S]
                [--order auto|dominant|lexicographic|identity] [--classifier-threshold TH]
                [--data-dir D] [--device DEV]
 
-ANDC needs the `cctk snp` output directory of the same checkpoint (recognised label sets); an
-SNP directory of another checkpoint or model is refused (snp.json records the checkpoint's
-sha256 and model config). The data are the run's own splits (``cctk.data.from_record``): the
-training split for fine-tuning, the split the run evaluated on for the accuracies.
-Magnitude with --snp keeps, per layer, as many blocks as ANDC would (same per-layer densities,
-same classifier density); without --snp it uses --density everywhere and leaves the classifier
-dense. Writes DIR/checkpoint.pt (a pruned cctk checkpoint: `cctk eval` and
+Methods (``cctk.prune.workflow.METHODS``): block scorers ``andc``, ``andc-shuffled``,
+``andc-magnitude`` (these need --snp), ``magnitude`` (norm-sorted permutations), ``wanda``
+(calibration: the first 256 training images), ``random``; structured node removal
+``structured`` (SNP-ranked, needs --snp) and ``structured-activation``: whole FF units and head
+dims removed, a smaller dense CCT (``--density`` is then the kept fraction of nodes).
+
+--snp is the `cctk snp` output directory of the same checkpoint (recognised label sets); an SNP
+directory of another checkpoint or model is refused (snp.json records the checkpoint's sha256
+and model config). The data are the run's own splits (``cctk.data.from_record``): the training
+split for fine-tuning, the split the run evaluated on for the accuracies. With --snp the
+non-ANDC block methods keep as many classifier weights as ANDC's label-set rule keeps (and with
+--tau meet ANDC's per-layer densities); without --snp they use --density everywhere and leave
+the classifier dense. Writes DIR/checkpoint.pt (a pruned cctk checkpoint: `cctk eval` and
 `cctk.prune.load_pruned` read it; no dense weights of pruned layers) and DIR/prune.json
 (per-layer densities, classifier density, accuracy of the dense model, before and after
 fine-tuning).
@@ -32,10 +38,13 @@ from cctk.checkpoint import (atomic_write_files, checkpoint_provenance, is_prune
 from cctk.errors import ConfigError
 from cctk.prune.andc import RecognizedSets, final_stream_means, final_stream_sets
 from cctk.prune.convert import pruned_checkpoint
-from cctk.prune.workflow import data_loaders, prune_and_finetune
+from cctk.prune.workflow import METHODS, STRUCTURED_METHODS, data_loaders, prune_and_finetune
+
+#: the methods that read the SNP label sets
+SNP_METHODS = ("andc", "andc-shuffled", "andc-magnitude", "structured")
 from cctk.train import evaluate, resolve_device
 
-HELP = "ANDC / block-magnitude pruning of a checkpoint, fine-tuning, ANDCLinear conversion"
+HELP = "prune a checkpoint (ANDC, magnitude, wanda, random, controls, structured), fine-tune, convert"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,9 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snp", default=None, metavar="DIR",
                    help="`cctk snp` output directory of the same checkpoint (needed by --method andc)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--method", default="andc", choices=("andc", "magnitude"), help="pruning method")
+    p.add_argument("--method", default="andc", choices=METHODS, help="pruning method (default: andc)")
     p.add_argument("--density", type=float, default=0.25,
-                   help="target kept fraction of blocks in every encoder linear")
+                   help="target kept fraction of blocks in every encoder linear (structured methods: "
+                        "of FF units and head dims)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random and andc-shuffled methods")
     p.add_argument("--tau", type=float, default=None,
                    help="instead of --density: keep every block whose kept-connection fraction is >= tau")
     p.add_argument("--block-size", type=int, default=32, choices=(16, 32, 64), help="block side B")
@@ -92,8 +103,10 @@ def check_snp_provenance(snp_dir: str, checkpoint: str, ckpt: dict) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.method == "andc" and args.snp is None:
-        raise ConfigError("--method andc needs --snp DIR (run `cctk snp --checkpoint CKPT --out DIR` first)")
+    if args.method in SNP_METHODS and args.snp is None:
+        raise ConfigError(f"--method {args.method} needs --snp DIR (run `cctk snp --checkpoint CKPT --out DIR` first)")
+    if args.method in STRUCTURED_METHODS and args.tau is not None:
+        raise ConfigError(f"--method {args.method} takes --density (the kept fraction of nodes), not --tau")
     if not 0 < args.density <= 1:
         raise ConfigError(f"--density must be in (0, 1], got {args.density}")
     if args.tau is not None and not 0 <= args.tau <= 1:
@@ -157,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             density=args.density, tau=args.tau, min_overlap=args.min_overlap, order=args.order,
             finetune_epochs=args.finetune_epochs, lr=args.lr, device=device, log=print,
             classifier=not args.no_classifier, classifier_sets=classifier_sets,
-            sparse_finetune=args.sparse_finetune)
+            sparse_finetune=args.sparse_finetune, seed=args.seed)
         record["dense_accuracy"] = dense_acc
         record["classifier_threshold"] = args.classifier_threshold
         ckpt_path = os.path.join(args.out, "checkpoint.pt")

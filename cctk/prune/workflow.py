@@ -1,5 +1,6 @@
-"""One pruning run: prune a trained model (ANDC or block magnitude), fine-tune with the masks
-fixed, evaluate, convert to ANDCLinear. Shared by ``cctk prune`` and the demo pipeline."""
+"""One pruning run: prune a trained model by any method of the scorer API (block scorers or
+structured node removal), fine-tune with the masks fixed, evaluate, convert to ANDCLinear.
+Shared by ``cctk prune``, the demo pipeline and ``cctk study``."""
 from __future__ import annotations
 
 import copy
@@ -10,14 +11,20 @@ import torch
 import torch.nn as nn
 
 from cctk import data
-from cctk.prune.andc import RecognizedSets, prune_andc, prune_magnitude
+from cctk.prune.andc import PrunePlan, RecognizedSets, encoder_linear_names
 from cctk.prune.convert import convert_to_andc, density_summary
 from cctk.prune.finetune import finetune
+from cctk.prune.masks import classifier_keep
+from cctk.prune.scorers import (BLOCK_METHODS, STUDY_METHODS, make_node_scorer, make_scorer, prune_blocks,
+                                prune_nodes)
 from cctk.train import evaluate
 
-__all__ = ["METHODS", "data_loaders", "prune_model", "prune_and_finetune"]
+__all__ = ["METHODS", "STRUCTURED_METHODS", "calibration_batches", "data_loaders", "prune_model", "prune_and_finetune",
+           "structured_density"]
 
-METHODS = ("andc", "magnitude")
+#: every pruning method: the block scorers and structured node removal (SNP- or activation-ranked)
+METHODS = STUDY_METHODS
+STRUCTURED_METHODS = tuple(m for m in METHODS if m not in BLOCK_METHODS)
 
 
 def data_loaders(dataset: dict, data_dir: Optional[str] = None, batch_size: int = 64,
@@ -34,29 +41,72 @@ def data_loaders(dataset: dict, data_dir: Optional[str] = None, batch_size: int 
             data.build_loader(test, eval_batch_size, shuffle=False, seed=seed), num_classes)
 
 
-def prune_model(model: nn.Module, method: str, sets: Optional[RecognizedSets] = None, block_size: int = 32,
+def calibration_batches(dataset, n: int = 256, batch_size: int = 64) -> list:
+    """The first ``n`` images of ``dataset`` (the training split, no augmentation) in batches:
+    the calibration images of wanda and structured pruning."""
+    from torch.utils.data import Subset
+    sub = Subset(dataset, range(min(len(dataset), int(n))))
+    return [x for x, _ in data.build_loader(sub, batch_size, shuffle=False)]
+
+
+def _structured_plan(model: nn.Module, method: str, density: float, block_size: int) -> PrunePlan:
+    """The PrunePlan of a structurally pruned (smaller dense) CCT: no masks, the kept widths."""
+    widths = {str(b): {"ff": blk.linear1.out_features, "head_dim": blk.self_attn.qkv.out_features // 3 // blk.self_attn.num_heads}
+              for b, blk in enumerate(model.blocks)}
+    return PrunePlan(method=method, block_size=block_size, block_masks={}, classifier_mask=None, density=density,
+                     structured=widths)
+
+
+def structured_density(model: nn.Module, pruned: nn.Module) -> float:
+    """Kept fraction of the encoder linears' weights of a structurally pruned ``pruned``."""
+    names = encoder_linear_names(model)
+    return (sum(pruned.get_submodule(n).weight.numel() for n in names)
+            / sum(model.get_submodule(n).weight.numel() for n in names))
+
+
+def prune_model(model: nn.Module, method: str, sets=None, block_size: int = 32,
                 density: Optional[float] = 0.25, tau: Optional[float] = None, min_overlap: int = 1,
-                order: str = "auto", classifier: bool = True, classifier_sets: Optional[torch.Tensor] = None):
-    """(pruned model with MaskedLinear layers, plan). ``magnitude`` with ``sets`` given matches the
-    ANDC plan's per-layer block counts and classifier kept count (same densities); without
-    sets it uses ``density`` everywhere and leaves the classifier dense."""
+                order: str = "auto", classifier: bool = True, classifier_sets: Optional[torch.Tensor] = None,
+                calibration=None, seed: int = 0, device: Union[str, torch.device] = "cpu"):
+    """(pruned copy of ``model``, PrunePlan) by any method of :data:`METHODS`, through the one
+    scorer API (:mod:`cctk.prune.scorers`).
+
+    Block methods give MaskedLinear layers at equal per-layer block densities (``density``; or
+    ANDC's ``tau`` rule, whose per-layer densities every other block method then meets too).
+    The classifier: ANDC-type methods keep its weights by the label-set rule (``classifier``
+    True; ``classifier_sets`` replaces the SNP's final-stream sets); the other block methods
+    keep as many of its weights as that rule keeps when ``sets`` are given, else leave it dense.
+    ``structured`` / ``structured-activation`` remove whole FF units and head dims (the kept
+    fraction ``density``; ranked by SNP label counts / activation norm) and return a smaller
+    dense CCT. ``sets``: the SNP label sets (a RecognizedSets, an SNP directory or its arrays);
+    ``calibration``: training-split image batches (wanda, structured); ``seed``: random and
+    andc-shuffled."""
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "andc":
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if sets is not None and not isinstance(sets, RecognizedSets):   # an SNP directory or its arrays
+        sets = RecognizedSets.from_snp(sets, num_blocks=len(model.blocks))
+    if method in STRUCTURED_METHODS:
+        if tau is not None or density is None:
+            raise ValueError(f"{method} takes a density (the kept fraction of FF units and head dims), not tau")
+        scorer = make_node_scorer("snp" if method == "structured" else "activation", sets=sets,
+                                  calibration=calibration, device=device)
+        pruned, _ = prune_nodes(model, scorer, density)
+        return pruned, _structured_plan(pruned, method, density, block_size)
+    andc_type = method in ("andc", "andc-shuffled", "andc-magnitude")
+    cls_sets = classifier_sets if classifier_sets is not None else (sets.final if sets is not None else None)
+    opts = {}
+    if andc_type:
+        opts = dict(min_overlap=min_overlap, order=order, prune_classifier=classifier, classifier_sets=classifier_sets)
+    elif tau is not None:
         if sets is None:
-            raise ValueError("ANDC pruning needs the SNP label sets (`cctk snp` output directory)")
-        return prune_andc(model, sets, block_size=block_size, density=density, tau=tau,
-                          min_overlap=min_overlap, order=order, prune_classifier=classifier,
-                          classifier_sets=classifier_sets)
-    if sets is not None:
-        _, ref = prune_andc(model, sets, block_size=block_size, density=density, tau=tau,
-                            min_overlap=min_overlap, order=order, prune_classifier=classifier,
-                            classifier_sets=classifier_sets)
-        cls_kept = int(ref.classifier_mask.sum()) if ref.classifier_mask is not None else None
-        return prune_magnitude(model, block_size, blocks_kept=ref.blocks_kept(), classifier_kept=cls_kept)
-    if density is None:
-        raise ValueError("magnitude pruning without SNP sets needs a density")
-    return prune_magnitude(model, block_size, density=density)
+            raise ValueError(f"{method} with tau needs the SNP label sets (it meets ANDC's per-layer densities)")
+        _, ref = prune_blocks(model, make_scorer("andc", sets=sets, min_overlap=min_overlap, order=order,
+                                                 prune_classifier=False), block_size=block_size, tau=tau)
+        density = {n: float(m.float().mean()) for n, m in ref.block_masks.items()}
+        tau = None
+    scorer = make_scorer(method, sets=sets, calibration=calibration, seed=seed, device=device, **opts)
+    n_cls = int(classifier_keep(cls_sets).sum()) if (classifier and cls_sets is not None) else None
+    return prune_blocks(model, scorer, density=density, block_size=block_size, tau=tau, classifier_kept=n_cls)
 
 
 def prune_and_finetune(model: nn.Module, method: str, sets: Optional[RecognizedSets], train_loader, test_loader,
@@ -65,11 +115,13 @@ def prune_and_finetune(model: nn.Module, method: str, sets: Optional[RecognizedS
                        device: Union[str, torch.device] = "cpu", convert: bool = True,
                        log: Optional[Callable[[str], None]] = None, progress: bool = False,
                        classifier: bool = True, classifier_sets: Optional[torch.Tensor] = None,
-                       sparse_finetune: bool = False):
+                       sparse_finetune: bool = False, calibration=None, seed: int = 0):
     """Prune a copy of ``model``, evaluate, fine-tune, evaluate again, convert to ANDCLinear.
 
     Fine-tuning runs on masked dense weights (MaskedLinear), or with ``sparse_finetune`` on the
-    ANDCLinear layers themselves (their sparse autograd: only kept blocks have gradients).
+    ANDCLinear layers themselves (their sparse autograd: only kept blocks have gradients). A
+    structurally pruned model is a smaller dense CCT: nothing to convert. ``calibration``
+    (wanda, structured; default: the first 256 images of ``train_loader``'s dataset).
 
     Returns (pruned model, plan, record) where record holds the densities, accuracies
     (``accuracy_before_finetune``, ``accuracy``), the fine-tune history and timings.
@@ -77,20 +129,26 @@ def prune_and_finetune(model: nn.Module, method: str, sets: Optional[RecognizedS
     say = log or (lambda s: None)
     device = torch.device(device)
     t0 = time.perf_counter()
+    if calibration is None and method in ("wanda",) + STRUCTURED_METHODS:
+        calibration = calibration_batches(train_loader.dataset)
+    structured = method in STRUCTURED_METHODS
     pruned, plan = prune_model(copy.deepcopy(model).cpu(), method, sets, block_size, density, tau,
-                               min_overlap, order, classifier, classifier_sets)
+                               min_overlap, order, classifier, classifier_sets, calibration=calibration,
+                               seed=seed, device="cpu")
     pruned.to(device)
     dens = density_summary(pruned)
+    if structured:
+        dens["linear_density"] = structured_density(model, pruned)
     acc0 = evaluate(pruned, test_loader, device)["accuracy"]
     say(f"[{method}] linear density {dens['linear_density']:.3f}, classifier density "
         f"{dens['classifier_density']:.3f}; accuracy before fine-tune {acc0:.4f}")
     t1 = time.perf_counter()
-    if sparse_finetune:
+    if sparse_finetune and not structured:
         convert_to_andc(pruned)
     history = finetune(pruned, train_loader, epochs=finetune_epochs, lr=lr, device=device, log=say,
                        progress=progress)
     t2 = time.perf_counter()
-    if convert:
+    if convert and not structured:
         convert_to_andc(pruned)
     acc = evaluate(pruned, test_loader, device)["accuracy"]
     say(f"[{method}] accuracy after {finetune_epochs} fine-tune epoch(s): {acc:.4f}")
@@ -109,7 +167,8 @@ def prune_and_finetune(model: nn.Module, method: str, sets: Optional[RecognizedS
         "accuracy": acc,
         "finetune_epochs": finetune_epochs,
         "finetune_lr": lr,
-        "finetune_layers": "ANDCLinear" if sparse_finetune else "masked dense",
+        "finetune_layers": ("smaller dense" if structured else "ANDCLinear" if sparse_finetune else "masked dense"),
+        "structured_widths": plan.structured,
         "finetune_history": history,
         "layer_stats": plan.layer_stats,
         "tokens_assumed_all_labels": plan.tokens_assumed if method == "andc" else None,
