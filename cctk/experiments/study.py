@@ -23,7 +23,8 @@ Per seed s (``out/seed{s}/``):
 Steps 1-4 run for every seed first; then the cells run most informative first
 (:func:`cell_order`: the primary comparison for every seed, the other methods at its density,
 then the other densities), with ``summary.json`` and ``report.html`` rewritten after each, so
-a study stopped part-way reports what it has; ``--snp-variants`` runs last.
+a study stopped part-way reports what it has; ``--snp-variants`` runs after the primary
+density's cells.
 
 Methods: the block scorers of :mod:`cctk.prune.scorers` (``andc``, ``magnitude``, ``wanda``,
 ``random``, ``andc-shuffled``: equal per-layer block densities; the non-ANDC block methods keep
@@ -471,6 +472,14 @@ def run_study(cfg: StudyConfig) -> Dict[str, Any]:
         torch.set_num_threads(threads_before)
 
 
+def _tier(cell) -> int:
+    """0: the primary comparison; 1: the other methods at the primary density; 2: the rest."""
+    _, method, d = cell
+    if d != round(float(PRIMARY["density"]), 6):
+        return 2
+    return 0 if method in (PRIMARY["method"], PRIMARY["baseline"]) else 1
+
+
 def cell_order(cfg: StudyConfig, cells) -> List[tuple]:
     """The order the study runs its cells in, most informative first, so that a study stopped
     part-way has answered what matters most: the primary comparison (PRIMARY's method and
@@ -479,13 +488,7 @@ def cell_order(cfg: StudyConfig, cells) -> List[tuple]:
     Every cell restarts from its seed's RNG state, so the order never changes a result."""
     dens = [round(float(d), 6) for d in cfg.densities]
     methods, seeds = list(cfg.methods), [int(s) for s in cfg.seeds]
-    primary_d = round(float(PRIMARY["density"]), 6)
-
-    def rank(cell):
-        seed, method, d = cell
-        tier = (0 if method in (PRIMARY["method"], PRIMARY["baseline"]) else 1) if d == primary_d else 2
-        return (tier, dens.index(d), methods.index(method), seeds.index(seed))
-    return sorted(cells, key=rank)
+    return sorted(cells, key=lambda c: (_tier(c), dens.index(c[2]), methods.index(c[1]), seeds.index(c[0])))
 
 
 def _prepare_seed(cfg: StudyConfig, st: "_Study", seed: int) -> Dict[str, Any]:
@@ -540,9 +543,23 @@ def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
                                  "model": p["model"].config.get("name") if hasattr(p["model"], "config") else None,
                                  "snp_variants": old.get("snp_variants")}
         atomic_write_text(json.dumps(seeds_info, indent=1) + "\n", info_path)
+    def run_variants():
+        # the SNR / cluster claims on the same models (no cell depends on them): after the
+        # primary density's cells, before the other densities'
+        for seed in need_variants:
+            p = prep[seed]
+            st.say(f"[seed {seed}] SNP variants: readouts {SNP_VARIANT_READOUTS} x theta {SNP_VARIANT_THRESHOLDS}",
+                   flush=True)
+            seeds_info[str(seed)]["snp_variants"] = st.snp_variants(seed, p["seed_dir"], p["model"], p["train_plain"],
+                                                                    p["val_loader"], p["num_classes"])
+            atomic_write_text(json.dumps(seeds_info, indent=1) + "\n", info_path)
+        need_variants.clear()
+
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="study cells", disable=not cfg.progress)
     try:
         for seed, method, density in todo:
+            if need_variants and _tier((seed, method, density)) == 2:
+                run_variants()
             p = prep[seed]
             model = p["model"]
             bar.set_postfix_str(f"seed {seed} {method} {density}")
@@ -574,13 +591,7 @@ def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
             write_summary(cfg, rows, seeds_info, time.perf_counter() - t0)
     finally:
         bar.close()
-    # the SNR / cluster claims on the same models (no cell depends on them: they run last)
-    for seed in need_variants:
-        p = prep[seed]
-        st.say(f"[seed {seed}] SNP variants: readouts {SNP_VARIANT_READOUTS} x theta {SNP_VARIANT_THRESHOLDS}", flush=True)
-        seeds_info[str(seed)]["snp_variants"] = st.snp_variants(seed, p["seed_dir"], p["model"], p["train_plain"],
-                                                                p["val_loader"], p["num_classes"])
-        atomic_write_text(json.dumps(seeds_info, indent=1) + "\n", info_path)
+    run_variants()
     return write_summary(cfg, rows, seeds_info, time.perf_counter() - t0)
 
 
