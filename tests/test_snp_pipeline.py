@@ -186,3 +186,24 @@ def test_cli_refuses_bad_options(digits_checkpoint, tmp_path, capsys):
     code = main(["snp", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "y")])
     assert code == 2 and "not found" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_run_snp_thresholds_equals_one_run_per_threshold(digits_checkpoint):
+    """One measurement analysed at several thresholds gives exactly what separate runs give."""
+    from cctk.snp import run_snp_thresholds
+    from cctk.train import load_checkpoint
+    model, _ = load_checkpoint(digits_checkpoint)
+    x, y = _digits_tensors(120)
+    loader = DataLoader(TensorDataset(x, y), batch_size=40)
+    kw = dict(readout_epochs=2, null_draws=20, backend="torch", seed=3)
+    multi = run_snp_thresholds(model, loader, loader, 10, (0.2, 0.5), **kw)
+    assert set(multi) == {0.2, 0.5}
+    for theta, res in multi.items():
+        one = run_snp(model, loader, loader, 10, threshold=theta, **kw)
+        assert res.summary == one.summary
+        assert set(res.arrays) == set(one.arrays)
+        for k in one.arrays:
+            np.testing.assert_array_equal(res.arrays[k], one.arrays[k], err_msg=k)
+    assert multi[0.2].summary["config"]["threshold"] == 0.2
+    with pytest.raises(ValueError, match="threshold"):
+        run_snp_thresholds(model, loader, loader, 10, (0.3, 1.5), **kw)

@@ -338,21 +338,22 @@ class _Study:
         at every threshold of SNP_VARIANT_THRESHOLDS, matrices on validation: per block and group
         the readout accuracy, cluster size, noise per node (the group's primitives) and SNR."""
         out = {}
+        keys = ("readout_accuracy", "mean_cluster_size", "mean_noise", "snr", "frac_no_cluster")
         for opt in SNP_VARIANT_READOUTS:
-            for theta in SNP_VARIANT_THRESHOLDS:
-                name = f"{opt}_theta{theta}"
-                vdir = os.path.join(seed_dir, "snp_variants", name)
-                if not os.path.isfile(os.path.join(vdir, "snp.json")):
-                    res = snp_mod.run_snp(model, train_loader, val_loader, num_classes, threshold=theta,
-                                          readout_epochs=self.cfg.readout_epochs, readout_optimizer=opt,
-                                          null_draws=100, seed=seed, device=self.device, split="validation",
-                                          dataset=self.cfg.dataset)
-                    snp_mod.save(res, vdir, plots=False)
+            vdirs = {theta: os.path.join(seed_dir, "snp_variants", f"{opt}_theta{theta}") for theta in SNP_VARIANT_THRESHOLDS}
+            todo = [t for t, d in vdirs.items() if not os.path.isfile(os.path.join(d, "snp.json"))]
+            if todo:   # one measurement per readout, analysed at every threshold still missing
+                results = snp_mod.run_snp_thresholds(
+                    model, train_loader, val_loader, num_classes, todo, readout_epochs=self.cfg.readout_epochs,
+                    readout_optimizer=opt, null_draws=100, seed=seed, device=self.device, split="validation",
+                    dataset=self.cfg.dataset)
+                for theta in todo:
+                    snp_mod.save(results[theta], vdirs[theta], plots=False)
+            for theta, vdir in vdirs.items():
                 summ = snp_mod.load_snp(vdir).summary
-                keys = ("readout_accuracy", "mean_cluster_size", "mean_noise", "snr", "frac_no_cluster")
-                out[name] = {"readout": opt, "threshold": theta,
-                             "blocks": [{g: {k: blk[g].get(k) for k in keys} for g in ("mha", "ff")}
-                                        for blk in summ["blocks"]]}
+                out[f"{opt}_theta{theta}"] = {"readout": opt, "threshold": theta,
+                                              "blocks": [{g: {k: blk[g].get(k) for k in keys} for g in ("mha", "ff")}
+                                                         for blk in summ["blocks"]]}
         return out
 
     def choose_classifier(self, model, val_loader, num_classes):

@@ -32,7 +32,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -136,21 +136,28 @@ def _store_analysis(arrays: dict, prefix: str, analysis: BatchAnalysis) -> None:
     arrays[f"{prefix}_cluster_id"] = analysis.cluster_id.astype(np.int8 if K <= 127 else np.int16)
 
 
-def run_snp(model, train_loader, test_loader, num_classes: int, threshold: float = 0.3,
+def run_snp_thresholds(model, train_loader, test_loader, num_classes: int, thresholds: Sequence[float] = (0.3,),
             readout_mode: str = "pooled", readout_epochs: int = 10, backend: str = "auto",
             null_draws: int = 1000, seed: int = 0, device=None, readout_optimizer: str = "adam",
             readout_lr: float = 1e-2, readout_batch_size: int = 256,
             readout_weight_decay: Optional[float] = None, cache_limit_bytes: int = 2 << 30,
             example_nodes: int = 3, split: str = "test", dataset: Optional[str] = None,
             model_name: Optional[str] = None, extra_config: Optional[dict] = None,
-            verbose: bool = False) -> SNPResult:
-    """Run the SNP analysis (see the module doc); ``test_loader`` is the analysed split."""
+            verbose: bool = False) -> Dict[float, SNPResult]:
+    """The SNP analysis (see the module doc) at every threshold of ``thresholds`` from one
+    measurement: the readouts and the per-label statistics do not depend on the threshold, so
+    they are computed once; {threshold: SNPResult}, each equal to :func:`run_snp` at that
+    threshold. ``test_loader`` is the analysed split."""
     if readout_mode not in READOUT_MODES:
         raise ValueError(f"readout_mode must be one of {', '.join(READOUT_MODES)}, got {readout_mode!r}")
     seqpool = readout_mode == "seqpool"
     feature_mode = "token" if seqpool else readout_mode   # seqpool learns its pooling over tokens
-    if not 0 <= threshold < 1:
-        raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
+    thresholds = [float(t) for t in thresholds]
+    if not thresholds:
+        raise ValueError("give at least one threshold")
+    for threshold in thresholds:
+        if not 0 <= threshold < 1:
+            raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     K = int(num_classes)
@@ -212,69 +219,79 @@ def run_snp(model, train_loader, test_loader, num_classes: int, threshold: float
         stats = collect_label_stats(model, test_loader, K, mode=readout_mode, backend=backend,
                                     device=device)
 
-    # 4-5: node matrices, analyses, heads
-    sizes = group_sizes(model)
-    H = model.num_heads
-    L = model.num_blocks
-    arrays: dict = {}
-    analyses: dict = {}
-    blocks, heads_out, stream_acc = [], [], []
-    example_blocks = sorted({0, L - 1})
-    for b in range(L):
-        entry = {}
-        for g in GROUPS:
-            W = _readout_weight(readouts[(b, g)], "pooled" if seqpool else readout_mode, sizes[g])
-            means = seq_means[(b, g)] if seqpool else stats.means((b, g)).cpu()
-            analysis = analyze_group(W, means, threshold)
-            analyses[(b, g)] = analysis
-            _store_analysis(arrays, f"b{b}_{g}", analysis)
-            entry[g] = dict(readout_accuracy=accuracy[(b, g)], **summarize(analysis))
-            if g in ("mha", "ff") and b in example_blocks:
-                for n in _pick_examples(analysis, example_nodes):
-                    arrays[f"example_b{b}_{g}_n{n}"] = node_matrices(W, means, slice(n, n + 1))[0].numpy()
-            if g == "mha":
-                dh = sizes["mha"] // H
-                head_M = torch.stack([set_matrix(W, means, slice(h * dh, (h + 1) * dh))
-                                      for h in range(H)])
-                heads = analyze_heads(head_M, analysis.recognized, threshold=threshold,
-                                      draws=null_draws, seed=seed + b)
-                arrays[f"b{b}_coverage"] = heads.pop("_coverage").astype(np.int32)
-                arrays[f"b{b}_heads_recognized"] = heads.pop("_heads_recognized")
-                heads["block"] = b
-                heads_out.append(heads)
-        blocks.append(entry)
-        stream_acc.append({"mha": accuracy[(b, "stream_mha")], "ff": accuracy[(b, "stream_ff")]})
-        log(f"[snp] block {b}: mha acc {accuracy[(b, 'mha')]:.3f}  ff acc {accuracy[(b, 'ff')]:.3f}")
+    def analyse(threshold: float) -> SNPResult:
+        # 4-5: node matrices, analyses, heads
+        sizes = group_sizes(model)
+        H = model.num_heads
+        L = model.num_blocks
+        arrays: dict = {}
+        analyses: dict = {}
+        blocks, heads_out, stream_acc = [], [], []
+        example_blocks = sorted({0, L - 1})
+        for b in range(L):
+            entry = {}
+            for g in GROUPS:
+                W = _readout_weight(readouts[(b, g)], "pooled" if seqpool else readout_mode, sizes[g])
+                means = seq_means[(b, g)] if seqpool else stats.means((b, g)).cpu()
+                analysis = analyze_group(W, means, threshold)
+                analyses[(b, g)] = analysis
+                _store_analysis(arrays, f"b{b}_{g}", analysis)
+                entry[g] = dict(readout_accuracy=accuracy[(b, g)], **summarize(analysis))
+                if g in ("mha", "ff") and b in example_blocks:
+                    for n in _pick_examples(analysis, example_nodes):
+                        arrays[f"example_b{b}_{g}_n{n}"] = node_matrices(W, means, slice(n, n + 1))[0].numpy()
+                if g == "mha":
+                    dh = sizes["mha"] // H
+                    head_M = torch.stack([set_matrix(W, means, slice(h * dh, (h + 1) * dh))
+                                          for h in range(H)])
+                    heads = analyze_heads(head_M, analysis.recognized, threshold=threshold,
+                                          draws=null_draws, seed=seed + b)
+                    arrays[f"b{b}_coverage"] = heads.pop("_coverage").astype(np.int32)
+                    arrays[f"b{b}_heads_recognized"] = heads.pop("_heads_recognized")
+                    heads["block"] = b
+                    heads_out.append(heads)
+            blocks.append(entry)
+            stream_acc.append({"mha": accuracy[(b, "stream_mha")], "ff": accuracy[(b, "stream_ff")]})
+            log(f"[snp] block {b}: mha acc {accuracy[(b, 'mha')]:.3f}  ff acc {accuracy[(b, 'ff')]:.3f}")
 
-    # 6: final-stream nodes through the model's own head
-    fc_weight = model.fc.weight.detach().float().cpu()
-    final_analysis = analyze_group(fc_weight, stats.means("final").cpu(), threshold)
-    analyses["final"] = final_analysis
-    _store_analysis(arrays, "final", final_analysis)
-    final = dict(summarize(final_analysis), model_accuracy=stats.accuracy,
-                 fc_kept_fraction=float(final_analysis.recognized.mean()))
+        # 6: final-stream nodes through the model's own head
+        fc_weight = model.fc.weight.detach().float().cpu()
+        final_analysis = analyze_group(fc_weight, stats.means("final").cpu(), threshold)
+        analyses["final"] = final_analysis
+        _store_analysis(arrays, "final", final_analysis)
+        final = dict(summarize(final_analysis), model_accuracy=stats.accuracy,
+                     fc_kept_fraction=float(final_analysis.recognized.mean()))
 
-    summary = {
-        "schema_version": SCHEMA_VERSION,
-        "config": {
-            "threshold": threshold, "readout_mode": readout_mode, "readout": cfg.as_dict(),
-            "readout_features_cached": bool(cache), "backend": backend, "null_draws": null_draws,
-            "seed": seed, "null_seeds": [seed + b for b in range(L)], "split": split,
-            "dataset": dataset, "model": model_name or getattr(model, "name", None),
-            "model_config": _jsonable(getattr(model, "config", None)),
-            "num_classes": K, "num_blocks": L, "num_heads": H, "head_dim": sizes["mha"] // H,
-            "ff_dim": sizes["ff"], "embed_dim": sizes["stream_ff"],
-            "tokens": getattr(model, "seq_len", None), **(extra_config or {}),
-        },
-        "model_accuracy": stats.accuracy,
-        "num_samples": stats.total,
-        "label_counts": stats.counts.tolist(),
-        "blocks": blocks,
-        "heads": heads_out,
-        "stream": stream_acc,
-        "final": final,
-    }
-    return SNPResult(summary=_jsonable(summary), arrays=arrays, analyses=analyses)
+        summary = {
+            "schema_version": SCHEMA_VERSION,
+            "config": {
+                "threshold": threshold, "readout_mode": readout_mode, "readout": cfg.as_dict(),
+                "readout_features_cached": bool(cache), "backend": backend, "null_draws": null_draws,
+                "seed": seed, "null_seeds": [seed + b for b in range(L)], "split": split,
+                "dataset": dataset, "model": model_name or getattr(model, "name", None),
+                "model_config": _jsonable(getattr(model, "config", None)),
+                "num_classes": K, "num_blocks": L, "num_heads": H, "head_dim": sizes["mha"] // H,
+                "ff_dim": sizes["ff"], "embed_dim": sizes["stream_ff"],
+                "tokens": getattr(model, "seq_len", None), **(extra_config or {}),
+            },
+            "model_accuracy": stats.accuracy,
+            "num_samples": stats.total,
+            "label_counts": stats.counts.tolist(),
+            "blocks": blocks,
+            "heads": heads_out,
+            "stream": stream_acc,
+            "final": final,
+        }
+        return SNPResult(summary=_jsonable(summary), arrays=arrays, analyses=analyses)
+
+    return {t: analyse(t) for t in thresholds}
+
+
+def run_snp(model, train_loader, test_loader, num_classes: int, threshold: float = 0.3,
+            **kwargs) -> SNPResult:
+    """Run the SNP analysis (see the module doc) at ``threshold``; ``test_loader`` is the
+    analysed split; the other keywords are :func:`run_snp_thresholds`'s."""
+    return run_snp_thresholds(model, train_loader, test_loader, num_classes, (threshold,), **kwargs)[float(threshold)]
 
 
 def _jsonable(obj):
