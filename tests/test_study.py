@@ -56,6 +56,11 @@ def test_study_writes_results_summary_report(digits_study):
         assert cls["chosen_on"] == "validation" and s["seeds"][seed]["validation"]["start"] == 120
     html = open(os.path.join(digits_study, "report.html")).read()
     assert "designed for" in html and html.index("designed for") < html.index("<table")
+    md = open(os.path.join(digits_study, "summary.md")).read()
+    p0 = primary[0]
+    assert f"andc - magnitude at density 0.25: **{100 * p0['mean_diff']:.1f} points" in md
+    andc_row = next(ln for ln in md.splitlines() if ln.startswith("| andc |"))
+    assert f"{100 * cell['accuracy_mean']:.1f} [{100 * cell['ci95'][0]:.1f}, {100 * cell['ci95'][1]:.1f}] (n=2)" in andc_row
 
 
 def test_study_resumes_without_redoing_cells(digits_study):

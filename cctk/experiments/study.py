@@ -35,6 +35,7 @@ same kept fraction of FF units and head dims, classifier dense).
 Outputs: ``results.csv`` (one row per seed x method x density; a finished row is never redone),
 ``summary.json`` (``cells`` with 95% t intervals, ``paired`` differences against magnitude with
 paired t-test p-values and Holm-adjusted p-values, the validation choices per seed),
+``summary.md`` (the same tables in Markdown),
 ``report.html`` (accuracy vs density and accuracy vs images/s with error bars).
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ from cctk.prune.workflow import STRUCTURED_METHODS, calibration_batches, prune_m
 from cctk.train import CHECKPOINT_NAME, TrainConfig, evaluate, get_preset, preset_for_dataset, train
 from cctk.train.state import seed_everything
 
-__all__ = ["StudyConfig", "run_study", "cell_order", "summarize_results", "pareto_frontier", "holm", "PRIMARY", "RESULT_FIELDS"]
+__all__ = ["StudyConfig", "run_study", "cell_order", "study_markdown", "summarize_results", "pareto_frontier", "holm", "PRIMARY", "RESULT_FIELDS"]
 
 PRIMARY = {"method": "andc", "baseline": "magnitude", "density": 0.25,
            "statistic": "test accuracy after fine-tuning, method minus baseline, paired by seed, 95% CI"}
@@ -605,8 +606,64 @@ def write_summary(cfg: StudyConfig, rows: List[dict], seeds_info: dict, wall: fl
                "machine": {"platform": platform.platform(), "torch": torch.__version__,
                            "threads": torch.get_num_threads()}}
     atomic_write_text(json.dumps(summary, indent=1, default=str) + "\n", os.path.join(cfg.out, "summary.json"))
+    atomic_write_text(study_markdown(summary), os.path.join(cfg.out, "summary.md"))
     write_study_report(cfg.out, summary)
     return summary
+
+
+def study_markdown(summary: Dict[str, Any]) -> str:
+    """summary.md: the primary result, then accuracy (mean [95% CI], percent) per method x
+    density, paired differences against the baseline (points), and images/s relative to the
+    dense model: the tables docs/FINDINGS.md quotes, written from summary.json alone."""
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    ci = lambda c: "[n/a]" if c is None or c[0] is None else f"[{pct(c[0])}, {pct(c[1])}]"  # noqa: E731
+    cells = summary["cells"]
+    densities = sorted({c["density"] for c in cells}, reverse=True)
+    methods = sorted({c["method"] for c in cells}, key=lambda m: (STUDY_METHODS.index(m) if m in STUDY_METHODS else 99, m))
+    by = {(c["method"], c["density"]): c for c in cells}
+    cfg = summary.get("config", {})
+    lines = [f"# cctk study: {cfg.get('dataset')} ({summary.get('rows')} cells)", ""]
+    prim = [p for p in summary["paired"] if p["primary"]]
+    if prim:
+        p = prim[0]
+        lines += [f"Primary ({PRIMARY['statistic']}): {p['method']} - {p['baseline']} at density {p['density']}: "
+                  f"**{pct(p['mean_diff'])} points, 95% CI {ci(p['ci95'])}**, p = "
+                  + ("n/a" if p["p_value"] is None else f"{p['p_value']:.3g}") + f", n = {p['n']} seeds.", ""]
+    else:
+        lines += ["Primary comparison: no paired cells yet.", ""]
+    dense = [v.get("dense_test_accuracy") for v in (summary.get("seeds") or {}).values() if isinstance(v, dict)]
+    if dense:
+        lines += ["Dense test accuracy per seed: " + ", ".join(pct(a) for a in dense if a is not None) + "%.", ""]
+    head = "| method | " + " | ".join(f"density {d:g}" for d in densities) + " |"
+    sep = "|---|" + "---|" * len(densities)
+    lines += ["Test accuracy after fine-tuning, % (mean [95% CI], n seeds):", "", head, sep]
+    for m in methods:
+        row = [f"{pct(by[m, d]['accuracy_mean'])} {ci(by[m, d]['ci95'])} (n={by[m, d]['n']})" if (m, d) in by else ""
+               for d in densities]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    lines += ["", "Minus the baseline, paired by seed, points (mean [95% CI], p, Holm p):", "", head, sep]
+    pair = {(p["method"], p["density"]): p for p in summary["paired"]}
+    for m in methods:
+        if not any((m, d) in pair for d in densities):
+            continue
+        row = []
+        for d in densities:
+            p = pair.get((m, d))
+            row.append("" if p is None else
+                       f"{pct(p['mean_diff'])} {ci(p['ci95'])}, p "
+                       + ("n/a" if p["p_value"] is None else f"{p['p_value']:.3g}")
+                       + ("" if p.get("p_holm") is None else f", Holm {p['p_holm']:.3g}") + (" (primary)" if p["primary"] else ""))
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    lines += ["", "Images/s over the dense model's (both through cctk.optimize, timed interleaved in the same cell):", "",
+              head, sep]
+    for m in methods:
+        row = [("" if (m, d) not in by or by[m, d].get("speedup_vs_dense_mean") is None
+                else f"{by[m, d]['speedup_vs_dense_mean']:.2f}x") for d in densities]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    fr = summary.get("frontier") or []
+    lines += ["", "Pareto frontier (accuracy vs images/s): "
+              + (", ".join(f"{c['method']} at {c['density']:g}" for c in fr) or "no timings"), ""]
+    return "\n".join(lines)
 
 
 def write_study_report(out: str, summary: Dict[str, Any]) -> str:
