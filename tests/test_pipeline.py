@@ -61,3 +61,10 @@ def test_run_pipeline_digits_tiny(tmp_path):
     scan = on_disk["classifier_scan"]
     dens = [r["classifier_density"] for r in scan]
     assert dens == sorted(dens, reverse=True)  # a higher threshold keeps fewer weights
+    # the demo's SNP directory is what `cctk snp` writes: `cctk prune --snp` takes it for the
+    # run's checkpoint (its digest is recorded)
+    from cctk.cli import main
+    assert main(["prune", "--checkpoint", str(out / "train" / "checkpoint.pt"), "--snp", str(out / "snp"),
+                 "--method", "structured", "--density", "0.5", "--finetune-epochs", "0", "--subset", "64",
+                 "--out", str(out / "structured"), "--device", "cpu"]) == 0
+    assert (out / "structured" / "checkpoint.pt").is_file()

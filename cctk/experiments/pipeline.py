@@ -34,7 +34,7 @@ import torch
 
 from cctk import data
 from cctk import snp as snp_mod
-from cctk.checkpoint import atomic_write_text, load_checkpoint, output_dir
+from cctk.checkpoint import atomic_write_text, checkpoint_provenance, load_checkpoint, output_dir
 from cctk.prune.andc import (PrunePlan, RecognizedSets, apply_masks, final_stream_means,
                              final_stream_sets)
 from cctk.optimize import optimize
@@ -151,10 +151,14 @@ def measure_snp(run: Run, split: str = "train", threshold: float = 0.3, readout_
     run.snp_split = split
     snp_train_loader = train_split_loader(run.ckpt["dataset"], run.data_dir, run.train_subset)
     run.analysed_loader = snp_train_loader if split == "train" else run.test_loader
+    # the checkpoint's digest and model config, as `cctk snp` records them: `cctk prune --snp`
+    # accepts this directory for the run's checkpoint (and refuses it for any other)
+    ckpt_path = os.path.join(run.out_dir, "train", CHECKPOINT_NAME)
+    provenance = checkpoint_provenance(ckpt_path, run.ckpt) if os.path.isfile(ckpt_path) else None
     run.snp_result = snp_mod.run_snp(run.model, snp_train_loader, run.analysed_loader, run.num_classes,
                                      threshold=threshold, readout_epochs=readout_epochs,
                                      null_draws=null_draws, seed=run.seed, device=run.device, split=split,
-                                     dataset=run.dataset, verbose=run.verbose)
+                                     dataset=run.dataset, verbose=run.verbose, extra_config=provenance)
     snp_mod.save(run.snp_result, run.snp_dir)
     run.sets = RecognizedSets.from_snp(run.snp_result, num_blocks=run.model.num_blocks)
     run.timed("snp", t0)

@@ -55,7 +55,7 @@ import torch
 
 from cctk import data
 from cctk import snp as snp_mod
-from cctk.checkpoint import atomic_write_text, load_checkpoint
+from cctk.checkpoint import atomic_write_text, checkpoint_provenance, load_checkpoint
 from cctk.errors import ConfigError
 from cctk.experiments.pipeline import CLASSIFIER_SCAN, DEFAULT_BLOCK_SIZE, Run, scan_classifier
 from cctk.optimize import optimize
@@ -275,11 +275,11 @@ class _Study:
 
     def model_for_seed(self, seed: int, seed_dir: str):
         cfg = self.cfg
+        ckpt_path = self.checkpoint_path(seed, seed_dir)
         if cfg.checkpoints:
-            model, ckpt = load_checkpoint(cfg.checkpoints[list(cfg.seeds).index(seed)], map_location="cpu")
+            model, ckpt = load_checkpoint(ckpt_path, map_location="cpu")
             return model, ckpt, "checkpoint"
-        train_dir = os.path.join(seed_dir, "train")
-        ckpt_path = os.path.join(train_dir, CHECKPOINT_NAME)
+        train_dir = os.path.dirname(ckpt_path)
         if not os.path.isfile(os.path.join(train_dir, "metrics.json")):
             probe = {"name": data.canonical_name(cfg.dataset), "data_dir": cfg.data_dir}
             pool = self._pool_size(probe)
@@ -323,14 +323,20 @@ class _Study:
                                        "seen_in_training": bool(overlap) if cfg.checkpoints else False}
 
     # -- SNP and validation choices --------------------------------------------------------
+    def checkpoint_path(self, seed: int, seed_dir: str) -> str:
+        cfg = self.cfg
+        return cfg.checkpoints[list(cfg.seeds).index(seed)] if cfg.checkpoints else os.path.join(seed_dir, "train", CHECKPOINT_NAME)
+
     def snp_for_seed(self, seed, seed_dir, model, train_loader, val_loader, num_classes):
         snp_dir = os.path.join(seed_dir, "snp")
         if not os.path.isfile(os.path.join(snp_dir, "snp.json")):
             self.say(f"[seed {seed}] SNP: readouts on the training part, matrices on validation", flush=True)
+            # the checkpoint's digest, as `cctk snp` records it: `cctk prune --snp` takes this directory
             res = snp_mod.run_snp(model, train_loader, val_loader, num_classes, threshold=self.cfg.threshold,
                                   readout_epochs=self.cfg.readout_epochs, readout_optimizer=self.cfg.readout_optimizer,
                                   null_draws=100, seed=seed, device=self.device, split="validation",
-                                  dataset=self.cfg.dataset)
+                                  dataset=self.cfg.dataset,
+                                  extra_config=checkpoint_provenance(self.checkpoint_path(seed, seed_dir)))
             snp_mod.save(res, snp_dir, plots=False)
         return RecognizedSets.from_snp(snp_dir, num_blocks=model.num_blocks), snp_dir
 
