@@ -150,6 +150,9 @@ def test_shuffled_test_labels_change_no_mask_threshold_or_weight(tmp_path, monke
     assert sgd["config"]["readout"]["bias"] is False and sgd["config"]["split"] == "validation"
     for v in variants.values():
         assert {"mean_cluster_size", "mean_noise", "snr"} <= set(v["blocks"][0]["ff"])
+    md = open(tmp_path / "a" / "summary.md").read()             # the variants table, one row per block x group
+    snr = variants["sgd_theta0.3"]["blocks"][1]["ff"]["snr"]
+    assert f"| sgd | 0.3 | 1 | ff |" in md and f"{snr:.2f} [{snr:.2f}, {snr:.2f}] |" in md
     na, nb = np.load(tmp_path / "a" / "seed0" / "snp" / "nodes.npz"), np.load(tmp_path / "b" / "seed0" / "snp" / "nodes.npz")
     assert all(np.array_equal(na[k], nb[k]) for k in na.files if k.endswith("_recognized"))  # label sets
     # ... and the test labels were really shuffled: the reported accuracies move

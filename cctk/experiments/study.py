@@ -669,7 +669,35 @@ def study_markdown(summary: Dict[str, Any]) -> str:
     fr = summary.get("frontier") or []
     lines += ["", "Pareto frontier (accuracy vs images/s): "
               + (", ".join(f"{c['method']} at {c['density']:g}" for c in fr) or "no timings"), ""]
+    lines += _variants_markdown(summary.get("seeds") or {})
     return "\n".join(lines)
+
+
+def _variants_markdown(seeds_info: Dict[str, Any]) -> List[str]:
+    """The SNP variants (readout x theta) per block and group: mean over seeds [min, max] of the
+    readout accuracy, mean cluster size, noise per node and SNR (the paper's claims: accuracy
+    rises, clusters shrink and SNR grows along the blocks)."""
+    per = [v["snp_variants"] for v in seeds_info.values() if isinstance(v, dict) and v.get("snp_variants")]
+    if not per:
+        return []
+    keys = (("readout_accuracy", "readout acc", 3), ("mean_cluster_size", "cluster size", 2),
+            ("mean_noise", "noise/node", 2), ("snr", "SNR", 2))
+
+    def agg(vals, nd):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "n/a"
+        return f"{sum(vals) / len(vals):.{nd}f} [{min(vals):.{nd}f}, {max(vals):.{nd}f}]"
+    lines = [f"SNP on the validation split, both readouts x theta (mean over {len(per)} seeds [min, max]):", "",
+             "| readout | theta | block | group | " + " | ".join(k[1] for k in keys) + " |",
+             "|---|---|---|---|" + "---|" * len(keys)]
+    for name in sorted(per[0], key=lambda n: (per[0][n]["readout"], per[0][n]["threshold"])):
+        v0 = per[0][name]
+        for b in range(len(v0["blocks"])):
+            for g in ("mha", "ff"):
+                cols = [agg([p[name]["blocks"][b][g].get(k) for p in per if name in p], nd) for k, _, nd in keys]
+                lines.append(f"| {v0['readout']} | {v0['threshold']} | {b} | {g} | " + " | ".join(cols) + " |")
+    return lines + [""]
 
 
 def write_study_report(out: str, summary: Dict[str, Any]) -> str:
