@@ -216,6 +216,8 @@ def _install_pruned_layers(model: nn.Module, pruning: Mapping[str, Any]) -> None
         attn.qkv = nn.Linear(attn.qkv.in_features, 3 * inner, bias=attn.qkv.bias is not None)
         attn.proj = nn.Linear(inner, attn.proj.out_features, bias=attn.proj.bias is not None)
         attn.head_dim = dh  # attn.scale keeps the trained d_h**-0.5 of the full width
+    if pruning.get("structured"):
+        model.refresh_widths()
     B = int(pruning["block_size"])
     modules = pruning.get("modules", {})
     for name, bm in pruning["block_masks"].items():

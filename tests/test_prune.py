@@ -484,6 +484,76 @@ def test_prune_model_tau_gives_every_block_method_andc_per_layer_densities():
         prune_model(m, "magnitude", None, tau=0.3)
 
 
+def test_structured_andc_hybrid_removes_nodes_then_prunes_blocks():
+    from cctk.nn import MaskedLinear
+    from cctk.prune.workflow import hybrid_node_fraction, prune_model
+
+    m = tiny_model()
+    sets = RecognizedSets.from_snp(random_sets(m), num_blocks=m.num_blocks)
+    calib = [torch.randn(8, 1, 8, 8)]
+    # d_ff 128, 2 heads of 32, 16-blocks: fractions on the 1/8 grid that tile are multiples of 1/4
+    assert hybrid_node_fraction(m, 0.25, 16) == 0.5
+    assert hybrid_node_fraction(m, 0.5, 16) == 0.75
+    assert hybrid_node_fraction(m, 0.125, 16) == 0.25
+    pruned, plan = prune_model(m, "structured-andc", sets, block_size=16, density=0.25, calibration=calib)
+    assert plan.method == "structured-andc"
+    assert plan.structured == {str(b): {"ff": 64, "head_dim": 16} for b in range(m.num_blocks)}
+    assert (pruned.ff_dim, pruned.head_dim) == (64, 16)               # the model-level widths follow
+    assert P.relative_linear_density(m, pruned) == pytest.approx(0.25, abs=0.02)
+    masked = [n for n in P.encoder_linear_names(pruned) if isinstance(pruned.get_submodule(n), MaskedLinear)]
+    assert len(masked) == 4 * m.num_blocks
+    for n in masked:                                                  # half the smaller layers' blocks
+        assert float(pruned.get_submodule(n).block_mask.float().mean()) == pytest.approx(0.5, abs=0.05)
+    # the node removal is the SNP-ranked structured pruning at the node fraction
+    small, _ = prune_model(m, "structured", sets, density=0.5, calibration=calib)
+    assert [b.linear1.out_features for b in small.blocks] == [b.linear1.out_features for b in pruned.blocks]
+    # ANDCLinear conversion keeps the function
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        y = pruned(x)
+        P.convert_to_andc(pruned)
+        torch.testing.assert_close(pruned(x), y, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="SNP label sets"):
+        prune_model(m, "structured-andc", None, density=0.25, calibration=calib)
+
+
+def test_select_nodes_matches_remove_nodes():
+    m = tiny_model()
+    sets = RecognizedSets.from_snp(random_sets(m), num_blocks=m.num_blocks)
+    ff_keep = {0: torch.tensor([5, 1, 9]), 1: torch.arange(0, 128, 2)}
+    head_keep = {0: torch.tensor([[0, 3], [31, 2]]), 1: torch.tensor([[4, 5], [6, 7]])}
+    sub = sets.select_nodes(ff_keep, head_keep, head_dim=m.head_dim)
+    assert torch.equal(sub.ff[0], sets.ff[0][torch.tensor([1, 5, 9])])         # in the model's (sorted) order
+    assert torch.equal(sub.mha[0], sets.mha[0][torch.tensor([0, 3, 32 + 2, 32 + 31])])
+    assert torch.equal(sub.heads[0], sets.heads[0]) and torch.equal(sub.final, sets.final)
+    from cctk.prune.structured import remove_nodes
+    small = remove_nodes(m, ff_keep, head_keep)
+    assert sub.ff[1].shape[0] == small.blocks[1].linear1.out_features
+    assert sub.mha[0].shape[0] == small.blocks[0].self_attn.proj.in_features
+    # FF widths differ across blocks (3, 64): ff_dim stays; every head keeps 2 dims: head_dim follows
+    assert (small.ff_dim, small.head_dim) == (m.ff_dim, 2)
+
+
+@pytest.mark.parametrize("method", ["structured-andc"])
+def test_cli_prune_hybrid_checkpoint_reloads(tmp_path, method):
+    from cctk.cli import main
+
+    m, ckpt, snp_dir = _tiny_checkpoint(tmp_path)
+    out = tmp_path / method
+    assert main(["prune", "--checkpoint", str(ckpt), "--snp", str(snp_dir), "--density", "0.25", "--block-size", "16",
+                 "--finetune-epochs", "1", "--method", method, "--out", str(out), "--subset", "64",
+                 "--device", "cpu"]) == 0
+    rec = json.loads((out / "prune.json").read_text())
+    assert rec["linear_density"] == pytest.approx(0.25, abs=0.02) and rec["finetune_layers"] == "masked dense"
+    loaded, ck = P.load_pruned(out / "checkpoint.pt")
+    assert ck["pruning"]["structured"]["0"] == {"ff": 64, "head_dim": 16} and loaded.head_dim == 16
+    assert P.relative_linear_density(m, loaded) == pytest.approx(rec["linear_density"])
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--subset", "64", "--device", "cpu",
+                 "--out", str(report)]) == 0
+    assert json.loads(report.read_text())["accuracy"] == pytest.approx(rec["accuracy"])
+
+
 def test_cli_prune_bad_input(tmp_path, capsys):
     from cctk.cli import main
 

@@ -30,7 +30,9 @@ Methods: the block scorers of :mod:`cctk.prune.scorers` (``andc``, ``magnitude``
 ``random``, ``andc-shuffled``: equal per-layer block densities; the non-ANDC block methods keep
 as many classifier weights as ANDC's label-set rule keeps) and structured node removal
 (``structured``: ranked by SNP label counts; ``structured-activation``: by activation norm;
-same kept fraction of FF units and head dims, classifier dense).
+same kept fraction of FF units and head dims, classifier dense); not in ``all``: the label-aware
+magnitude ``andc-magnitude`` and the hybrid ``structured-andc`` (SNP-ranked node removal, then ANDC
+blocks in the smaller model).
 
 Outputs: ``results.csv`` (one row per seed x method x density; a finished row is never redone),
 ``summary.json`` (``cells`` with 95% t intervals, ``paired`` differences against magnitude with
@@ -61,10 +63,10 @@ from cctk.experiments.pipeline import CLASSIFIER_SCAN, DEFAULT_BLOCK_SIZE, Run, 
 from cctk.optimize import optimize
 from cctk.timing import models_images_per_s
 from cctk.prune.andc import RecognizedSets, final_stream_means, final_stream_sets
-from cctk.prune.convert import convert_to_andc, density_summary
+from cctk.prune.convert import convert_to_andc, density_summary, relative_linear_density
 from cctk.prune.finetune import finetune
-from cctk.prune.scorers import ALL_METHODS, BLOCK_METHODS, STUDY_METHODS
-from cctk.prune.workflow import STRUCTURED_METHODS, calibration_batches, prune_model, structured_density
+from cctk.prune.scorers import ALL_METHODS, STUDY_METHODS
+from cctk.prune.workflow import calibration_batches, prune_model
 from cctk.train import CHECKPOINT_NAME, TrainConfig, evaluate, get_preset, preset_for_dataset, train
 from cctk.train.state import seed_everything
 
@@ -387,14 +389,11 @@ class _Study:
         pruned, plan = prune_model(model, method, sets, block_size=self.B, density=density,
                                    classifier=cls_sets is not None, classifier_sets=cls_sets,
                                    calibration=calib, seed=seed, device=self.device)
-        if method in STRUCTURED_METHODS:
-            return pruned, structured_density(model, pruned), 1.0, None
-        dens = density_summary(pruned)
         keep = None
-        if plan.layer_stats:
-            sizes = {n: model.get_submodule(n).weight.numel() for n in plan.layer_stats}
+        if plan.layer_stats:   # ANDC-type: the kept-connection fraction, weighted by layer size
+            sizes = {n: pruned.get_submodule(n).weight.numel() for n in plan.layer_stats}
             keep = sum(plan.layer_stats[n]["connection_keep_fraction"] * sizes[n] for n in sizes) / sum(sizes.values())
-        return pruned, dens["linear_density"], dens["classifier_density"], keep
+        return (pruned, relative_linear_density(model, pruned), density_summary(pruned)["classifier_density"], keep)
 
     def throughput(self, pruned, dense, example):
         dtype = getattr(torch, self.cfg.bench_dtype)
@@ -582,8 +581,7 @@ def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
             ft_s = time.perf_counter() - t1
             acc = evaluate(pruned, p["test_loader"], st.device)["accuracy"]
             digest = model_digest(pruned)
-            if method in BLOCK_METHODS:
-                convert_to_andc(pruned)
+            convert_to_andc(pruned)   # block-masked layers to ANDCLinear (node removal alone: none)
             ips, dense_ips = st.throughput(pruned, model, p["example"])
             rows.append({"seed": seed, "method": method, "density": density, "accuracy": acc,
                          "accuracy_before_finetune": acc0, "images_per_s": ips, "dense_images_per_s": dense_ips,

@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="3", help="number of seeds N (seeds 0..N-1) or a comma list")
     p.add_argument("--densities", default="0.5,0.25,0.125", help="comma-separated target densities")
     p.add_argument("--methods", default="all", help="'all' (andc, magnitude, wanda, random, andc-shuffled, "
-                   "structured, structured-activation) or a comma list of those and andc-magnitude")
+                   "structured, structured-activation) or a comma list of those, andc-magnitude and structured-andc (the hybrid)")
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs of every pruned model")
     p.add_argument("--finetune-subset", type=int, default=None,
                    help="fine-tune every pruned model on the first N training images (same for all methods)")

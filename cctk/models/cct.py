@@ -466,6 +466,17 @@ class CCT(nn.Module):
     def from_config(cls, config: dict) -> "CCT":
         return cls(**config)
 
+    def refresh_widths(self) -> None:
+        """Set ``ff_dim`` and ``head_dim`` from the blocks' layers when every block has the same
+        (after structured pruning made them narrower: what code reading the model-level widths,
+        such as ANDC pruning and the SNP, then sees); blocks of different widths leave them."""
+        ff = {blk.linear1.out_features for blk in self.blocks}
+        dh = {blk.self_attn.qkv.out_features // 3 // blk.self_attn.num_heads for blk in self.blocks}
+        if len(ff) == 1:
+            self.ff_dim = ff.pop()
+        if len(dh) == 1:
+            self.head_dim = dh.pop()
+
     # -- taps --
     @property
     def tap(self) -> Optional[NodeTap]:

@@ -48,7 +48,7 @@ Paper scale on a GPU (CIFAR-100, CCT-7/3x1; Flowers-102 with ``--preset flowers1
 from cctk.prune.andc import (PrunePlan, RecognizedSets, apply_masks, encoder_linear_names, prune_andc,
                              prune_magnitude)
 from cctk.prune.convert import (convert_to_andc, density_summary, layer_densities, load_pruned,
-                                save_pruned, to_masked_dense)
+                                relative_linear_density, save_pruned, to_masked_dense)
 from cctk.prune.finetune import finetune, images_per_second
 from cctk.prune.scorers import (BLOCK_METHODS, STUDY_METHODS, BlockScorer, NodeScorer, make_node_scorer,
                                 make_scorer, prune_blocks, prune_nodes)
@@ -59,7 +59,7 @@ from cctk.prune.workflow import prune_and_finetune, prune_model
 __all__ = [
     "RecognizedSets", "PrunePlan", "prune_andc", "prune_magnitude", "prune_model",
     "prune_and_finetune", "apply_masks", "encoder_linear_names", "finetune", "convert_to_andc",
-    "to_masked_dense", "density_summary", "layer_densities", "save_pruned", "load_pruned",
+    "to_masked_dense", "density_summary", "relative_linear_density", "layer_densities", "save_pruned", "load_pruned",
     "images_per_second", "BlockScorer", "NodeScorer", "make_scorer", "make_node_scorer", "prune_blocks",
     "prune_nodes", "BLOCK_METHODS", "STUDY_METHODS",
 ]

@@ -142,6 +142,19 @@ class RecognizedSets:
     def stream_in(self, block: int) -> torch.Tensor:
         return self.tokens if block == 0 else self.stream_ff[block - 1]
 
+    def select_nodes(self, ff_keep: Mapping[int, torch.Tensor], head_dims_keep: Mapping[int, torch.Tensor],
+                     head_dim: int) -> "RecognizedSets":
+        """The label sets of the nodes a structured pruning kept (:func:`cctk.prune.remove_nodes`
+        with the same ``ff_keep`` and ``head_dims_keep``; ``head_dim``: the full model's d_h)."""
+        ff = [f[torch.sort(torch.as_tensor(ff_keep[b])).values] if b in ff_keep else f for b, f in enumerate(self.ff)]
+        mha = []
+        for b, m in enumerate(self.mha):
+            if b in head_dims_keep:
+                k = torch.as_tensor(head_dims_keep[b])
+                m = m[torch.cat([h * head_dim + torch.sort(k[h]).values for h in range(k.shape[0])])]
+            mha.append(m)
+        return dataclasses.replace(self, ff=ff, mha=mha)
+
     def permuted(self, perms: "Permutations") -> "RecognizedSets":
         """The label sets re-indexed to the permuted model (new node i = old node perm[i])."""
         s = perms.stream

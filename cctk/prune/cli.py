@@ -10,7 +10,9 @@ Methods (``cctk.prune.workflow.METHODS``): block scorers ``andc``, ``andc-shuffl
 ``andc-magnitude`` (these need --snp), ``magnitude`` (norm-sorted permutations), ``wanda``
 (calibration: the first 256 training images), ``random``; structured node removal
 ``structured`` (SNP-ranked, needs --snp) and ``structured-activation``: whole FF units and head
-dims removed, a smaller dense CCT (``--density`` is then the kept fraction of nodes).
+dims removed, a smaller dense CCT (``--density`` is then the kept fraction of nodes); and the
+hybrid ``structured-andc`` (needs --snp): SNP-ranked node removal, then ANDC blocks in the
+smaller model, to the linear density ``--density``.
 
 --snp is the `cctk snp` output directory of the same checkpoint (recognised label sets); an SNP
 directory of another checkpoint or model is refused (snp.json records the checkpoint's sha256
@@ -41,7 +43,7 @@ from cctk.prune.convert import pruned_checkpoint
 from cctk.prune.workflow import METHODS, STRUCTURED_METHODS, data_loaders, prune_and_finetune
 
 #: the methods that read the SNP label sets
-SNP_METHODS = ("andc", "andc-shuffled", "andc-magnitude", "structured")
+SNP_METHODS = ("andc", "andc-shuffled", "andc-magnitude", "structured", "structured-andc")
 from cctk.train import evaluate, resolve_device
 
 HELP = "prune a checkpoint (ANDC, magnitude, wanda, random, controls, structured), fine-tune, convert"

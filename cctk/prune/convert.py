@@ -102,6 +102,13 @@ def layer_densities(model: nn.Module) -> Dict[str, float]:
     return out
 
 
+def relative_linear_density(dense: nn.Module, pruned: nn.Module) -> float:
+    """Kept weight elements of ``pruned``'s encoder linears over the weight elements of
+    ``dense``'s: the linear density of a model whose layers structured pruning also narrowed."""
+    kept = sum(_kept_elements(pruned.get_submodule(n))[0] for n in encoder_linear_names(pruned))
+    return kept / sum(dense.get_submodule(n).weight.numel() for n in encoder_linear_names(dense))
+
+
 def density_summary(model: nn.Module) -> dict:
     """{"layers": per-layer density, "linear_density": kept / total over every encoder linear's
     weight elements, "classifier_density": kept fraction of classifier.fc's weight}."""

@@ -98,9 +98,9 @@ def permute_head_dims(model: nn.Module, block: int, head: int, perm_qk=None, per
     """Permute the dims of one head in place: ``perm_qk`` on its q and k rows of qkv, ``perm_v``
     on its v rows of qkv and on the proj's input columns."""
     layer = model.blocks[block]
-    d = model.embed_dim
-    dh = model.head_dim
     H = model.num_heads
+    d = layer.self_attn.qkv.out_features // 3   # the inner width H * d_h (narrower after node removal)
+    dh = d // H
     if not (0 <= head < H):
         raise ValueError(f"head must be in [0, {H}), got {head}")
     base = head * dh

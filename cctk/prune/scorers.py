@@ -30,6 +30,10 @@ dense model):
 * ``snp``: nodes with fewer recognised labels go first (|D_n| ascending; ties by activation norm);
 * ``activation``: nodes with the smallest activation norm ||h_n||_2 on calibration images go first.
 
+The hybrid ``structured-andc`` (:func:`cctk.prune.workflow.prune_model`) removes nodes by ``snp``
+and then prunes the smaller model's linears into ANDC blocks (the kept nodes' label sets,
+:meth:`cctk.prune.andc.RecognizedSets.select_nodes`).
+
 Nothing here reads a test split: the label sets come from the SNP pass (on validation data in
 ``cctk study``) and the calibration images from the training split.
 """
@@ -56,8 +60,9 @@ __all__ = ["BlockScorer", "AndcScorer", "AndcMagnitudeScorer", "MagnitudeScorer"
 
 BLOCK_METHODS = ("andc", "magnitude", "wanda", "random", "andc-shuffled", "andc-magnitude")
 NODE_METHODS = ("snp", "activation")
-# the study's method names: the block scorers and structured removal ranked by SNP / activation
-STUDY_METHODS = BLOCK_METHODS + ("structured", "structured-activation")
+# the study's method names: the block scorers, structured removal ranked by SNP / activation, and
+# the hybrid structured-andc (SNP-ranked node removal, then ANDC blocks in the smaller model)
+STUDY_METHODS = BLOCK_METHODS + ("structured", "structured-activation", "structured-andc")
 # what ``--methods all`` runs: the issue's six methods and structured's activation baseline
 ALL_METHODS = ("andc", "magnitude", "wanda", "random", "andc-shuffled", "structured", "structured-activation")
 
@@ -193,7 +198,7 @@ def norm_permutations(model: nn.Module, node_norms: Optional[Mapping[str, torch.
         if node_norms is not None and f"{p}.linear2" in node_norms:
             u = u * node_norms[f"{p}.linear2"]
         ff.append(_descending(u))
-        d = model.embed_dim
+        d = qkv.shape[0] // 3   # the inner width H * d_h
         vn = qkv[2 * d:].norm(dim=1) * proj.norm(dim=0)
         if node_norms is not None and f"{p}.self_attn.proj" in node_norms:
             vn = vn * node_norms[f"{p}.self_attn.proj"]

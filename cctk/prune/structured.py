@@ -70,6 +70,8 @@ def remove_nodes(model: nn.Module, ff_keep: Optional[Mapping[int, torch.Tensor]]
         attn.qkv = _linear(attn.qkv.weight[rows], None if attn.qkv.bias is None else attn.qkv.bias[rows])
         attn.proj = _linear(attn.proj.weight[:, cols], attn.proj.bias)
         attn.head_dim = keep.shape[1]  # attn.scale keeps the trained d_h**-0.5
+    if hasattr(out, "refresh_widths"):
+        out.refresh_widths()
     return out
 
 

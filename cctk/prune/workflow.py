@@ -4,6 +4,7 @@ Shared by ``cctk prune``, the demo pipeline and ``cctk study``."""
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Callable, Optional, Union
 
@@ -11,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from cctk import data
-from cctk.prune.andc import PrunePlan, RecognizedSets, encoder_linear_names
-from cctk.prune.convert import convert_to_andc, density_summary
+from cctk.prune.andc import PrunePlan, RecognizedSets
+from cctk.prune.convert import convert_to_andc, density_summary, relative_linear_density
 from cctk.prune.finetune import finetune
 from cctk.prune.masks import classifier_keep
 from cctk.prune.scorers import (BLOCK_METHODS, STUDY_METHODS, make_node_scorer, make_scorer, prune_blocks,
@@ -20,7 +21,7 @@ from cctk.prune.scorers import (BLOCK_METHODS, STUDY_METHODS, make_node_scorer, 
 from cctk.train import evaluate
 
 __all__ = ["METHODS", "STRUCTURED_METHODS", "calibration_batches", "data_loaders", "prune_model", "prune_and_finetune",
-           "structured_density"]
+           "hybrid_node_fraction"]
 
 #: every pruning method: the block scorers and structured node removal (SNP- or activation-ranked)
 METHODS = STUDY_METHODS
@@ -57,11 +58,20 @@ def _structured_plan(model: nn.Module, method: str, density: float, block_size: 
                      structured=widths)
 
 
-def structured_density(model: nn.Module, pruned: nn.Module) -> float:
-    """Kept fraction of the encoder linears' weights of a structurally pruned ``pruned``."""
-    names = encoder_linear_names(model)
-    return (sum(pruned.get_submodule(n).weight.numel() for n in names)
-            / sum(model.get_submodule(n).weight.numel() for n in names))
+def hybrid_node_fraction(model: nn.Module, density: float, block_size: int) -> float:
+    """The node fraction f of ``structured-andc`` at a target linear density: the fraction on a
+    1/8 grid nearest sqrt(density) (half the pruning by node removal, half by blocks) among
+    those that keep every FF width and every head's inner width a multiple of the block size
+    (so the smaller layers tile into whole blocks); sqrt(density) itself when none does."""
+    target = math.sqrt(density)
+    H = model.num_heads
+
+    def tiles(f):
+        ok = all(round(f * blk.linear1.out_features) % block_size == 0 for blk in model.blocks)
+        return ok and all(H * round(f * blk.self_attn.qkv.out_features // 3 // H) % block_size == 0
+                          for blk in model.blocks)
+    grid = [k / 8 for k in range(1, 9) if tiles(k / 8) and k / 8 >= density]
+    return min(grid, key=lambda f: abs(f - target)) if grid else target
 
 
 def prune_model(model: nn.Module, method: str, sets=None, block_size: int = 32,
@@ -88,10 +98,21 @@ def prune_model(model: nn.Module, method: str, sets=None, block_size: int = 32,
     if method in STRUCTURED_METHODS:
         if tau is not None or density is None:
             raise ValueError(f"{method} takes a density (the kept fraction of FF units and head dims), not tau")
-        scorer = make_node_scorer("snp" if method == "structured" else "activation", sets=sets,
+        scorer = make_node_scorer("activation" if method == "structured-activation" else "snp", sets=sets,
                                   calibration=calibration, device=device)
-        pruned, _ = prune_nodes(model, scorer, density)
-        return pruned, _structured_plan(pruned, method, density, block_size)
+        if method != "structured-andc":
+            pruned, _ = prune_nodes(model, scorer, density)
+            return pruned, _structured_plan(pruned, method, density, block_size)
+        # the hybrid: SNP-ranked node removal to the node fraction f, then ANDC blocks in the smaller
+        # model (its nodes' label sets) down to the target linear density
+        small, keep = prune_nodes(model, scorer, hybrid_node_fraction(model, density, block_size))
+        sub = sets.select_nodes(keep["ff_keep"], keep["head_dims_keep"], head_dim=model.head_dim)
+        block_density = min(1.0, density / relative_linear_density(model, small))
+        pruned, plan = prune_blocks(small, make_scorer("andc", sets=sub, min_overlap=min_overlap, order=order,
+                                                       prune_classifier=classifier, classifier_sets=classifier_sets),
+                                    density=block_density, block_size=block_size)
+        plan.method, plan.structured = method, _structured_plan(small, method, density, block_size).structured
+        return pruned, plan
     andc_type = method in ("andc", "andc-shuffled", "andc-magnitude")
     cls_sets = classifier_sets if classifier_sets is not None else (sets.final if sets is not None else None)
     opts = {}
@@ -137,18 +158,18 @@ def prune_and_finetune(model: nn.Module, method: str, sets: Optional[RecognizedS
                                seed=seed, device="cpu")
     pruned.to(device)
     dens = density_summary(pruned)
-    if structured:
-        dens["linear_density"] = structured_density(model, pruned)
+    if structured:   # narrower layers: the density against the input model's layers
+        dens["linear_density"] = relative_linear_density(model, pruned)
     acc0 = evaluate(pruned, test_loader, device)["accuracy"]
     say(f"[{method}] linear density {dens['linear_density']:.3f}, classifier density "
         f"{dens['classifier_density']:.3f}; accuracy before fine-tune {acc0:.4f}")
     t1 = time.perf_counter()
-    if sparse_finetune and not structured:
-        convert_to_andc(pruned)
+    if sparse_finetune:
+        convert_to_andc(pruned)   # (no block-masked layer, as after node removal: nothing to do)
     history = finetune(pruned, train_loader, epochs=finetune_epochs, lr=lr, device=device, log=say,
                        progress=progress)
     t2 = time.perf_counter()
-    if convert and not structured:
+    if convert:
         convert_to_andc(pruned)
     acc = evaluate(pruned, test_loader, device)["accuracy"]
     say(f"[{method}] accuracy after {finetune_epochs} fine-tune epoch(s): {acc:.4f}")
@@ -167,7 +188,8 @@ def prune_and_finetune(model: nn.Module, method: str, sets: Optional[RecognizedS
         "accuracy": acc,
         "finetune_epochs": finetune_epochs,
         "finetune_lr": lr,
-        "finetune_layers": ("smaller dense" if structured else "ANDCLinear" if sparse_finetune else "masked dense"),
+        "finetune_layers": ("smaller dense" if method in ("structured", "structured-activation")
+                            else "ANDCLinear" if sparse_finetune else "masked dense"),
         "structured_widths": plan.structured,
         "finetune_history": history,
         "layer_stats": plan.layer_stats,
