@@ -81,6 +81,43 @@ def test_resumed_study_equals_uninterrupted_one(digits_study, tmp_path):
         assert r["accuracy"] == full[r["method"]]["accuracy"]
 
 
+def test_workers_give_the_same_cells_and_time_them_afterwards(digits_study, tmp_path):
+    """--workers 2: two processes claim the cells (none run twice, none lost); every cell's model
+    equals the one-process study's (same digest: digits runs one thread either way), and images/s
+    are filled in afterwards by timing the same structure with the workers gone."""
+    out = str(tmp_path / "w")
+    one_seed = [a if a != "2" else "0," for a in TINY]
+    assert main(one_seed + ["--methods", "random,magnitude,structured", "--workers", "2", "--out", out]) == 0
+    rows = _rows(out)
+    assert sorted(r["method"] for r in rows) == ["magnitude", "random", "structured"]
+    full = {r["method"]: r for r in _rows(digits_study) if r["seed"] == "0"}
+    for r in rows:
+        assert r["model_digest"] == full[r["method"]]["model_digest"], r["method"]
+        assert r["accuracy"] == full[r["method"]]["accuracy"]
+        assert r["linear_density"] == full[r["method"]]["linear_density"]
+        assert float(r["images_per_s"]) > 0 and float(r["dense_images_per_s"]) > 0
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert all(c["images_per_s_mean"] is not None for c in s["cells"])
+
+
+def test_retime_fills_missing_images_per_s(digits_study, tmp_path):
+    """A row without images/s (a worker's, or a study stopped before its timing pass) is timed
+    on resume; the accuracies stay as they were."""
+    import shutil
+    out = str(tmp_path / "t")
+    shutil.copytree(digits_study, out)
+    rows = _rows(out)
+    for r in rows:
+        if r["method"] == "wanda":
+            r["images_per_s"] = r["dense_images_per_s"] = ""
+    study._write_rows(os.path.join(out, "results.csv"), rows)
+    assert main(TINY + ["--methods", "all", "--out", out]) == 0
+    after = _rows(out)
+    for r, a in zip(rows, after):
+        assert (a["seed"], a["method"], a["accuracy"], a["model_digest"]) == (r["seed"], r["method"], r["accuracy"], r["model_digest"])
+        assert float(a["images_per_s"]) > 0
+
+
 def test_holm_and_paired_statistics():
     adj = study.holm([0.01, 0.04, None, 0.03])
     assert adj == pytest.approx([0.03, 0.06, None, 0.06])
@@ -108,6 +145,7 @@ def test_holm_and_paired_statistics():
     (["--val-size", "200"], "validation"),
     (["--finetune-subset", "0"], "finetune-subset"),
     (["--device", "bogus"], "device"),
+    (["--workers", "0"], "workers"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/cctk-data"], "cifar10"),  # missing data
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, bad, msg):

@@ -42,8 +42,10 @@ paired t-test p-values and Holm-adjusted p-values, the validation choices per se
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import html
 import io
 import json
@@ -106,6 +108,7 @@ class StudyConfig:
     bench_batch: int = 32
     bench_rounds: int = 3
     bench_dtype: str = "float32"
+    workers: int = 1                        # processes running cells (images/s timed after, quietly)
     checkpoints: Optional[Sequence[str]] = None
     snp_variants: bool = False              # also SNP with both readouts x SNP_VARIANT_THRESHOLDS
     data_dir: Optional[str] = None
@@ -138,6 +141,7 @@ class StudyConfig:
         need(self.classifier_tolerance >= 0, "classifier tolerance must be >= 0")
         need(self.calibration_images >= 1 and self.bench_batch >= 1 and self.bench_rounds >= 1,
              "calibration images, bench batch and bench rounds must be >= 1")
+        need(1 <= self.workers <= 64, f"workers must lie in [1, 64], got {self.workers}")
         need(self.bench_dtype in ("float32", "bfloat16", "float16"), f"bench dtype {self.bench_dtype!r}")
         need(self.checkpoints is None or len(self.checkpoints) == len(self.seeds),
              "give one checkpoint per seed")
@@ -523,26 +527,55 @@ def _prepare_seed(cfg: StudyConfig, st: "_Study", seed: int) -> Dict[str, Any]:
     return p
 
 
-def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
-    results_path = os.path.join(cfg.out, "results.csv")
-    rows = _read_rows(results_path)
-    done = {_cell_key(r["seed"], r["method"], r["density"]) for r in rows}
-    seeds_info: Dict[str, Any] = {}
-    info_path = os.path.join(cfg.out, "seeds.json")
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            seeds_info = json.load(f)
-    from tqdm.auto import tqdm
-    cells = [_cell_key(s, m, d) for s in cfg.seeds for m in cfg.methods for d in cfg.densities]
-    todo = cell_order(cfg, [c for c in cells if c not in done])
-    need_variants = [int(s) for s in cfg.seeds
-                     if cfg.snp_variants and not (seeds_info.get(str(s)) or {}).get("snp_variants")]
+@contextlib.contextmanager
+def _results_lock(out: str):
+    """An exclusive lock on the study's results (``out/.study.lock``): every read-merge-write of
+    results.csv holds it, so processes sharing ``out`` never lose each other's rows."""
+    with open(os.path.join(out, ".study.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _claim(out: str, key) -> Optional[Any]:
+    """Claim a cell for this process (a non-blocking flock on ``out/.claims/<cell>``; the OS drops
+    it if the process dies, so an interrupted cell is claimable again); None if another holds it."""
+    d = os.path.join(out, ".claims")
+    os.makedirs(d, exist_ok=True)
+    f = open(os.path.join(d, f"seed{key[0]}_{key[1]}_{key[2]}"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def _merge_row(path: str, row: dict) -> List[dict]:
+    """Add (or replace) one cell's row in results.csv, re-read under the lock; returns all rows."""
+    with _results_lock(os.path.dirname(path) or "."):
+        rows, key = _read_rows(path), _cell_key(row["seed"], row["method"], row["density"])
+        at = [i for i, r in enumerate(rows) if _cell_key(r["seed"], r["method"], r["density"]) == key]
+        if at:
+            rows[at[0]] = row   # in place: the file's row order is the order the cells finished
+        else:
+            rows.append(row)
+        _write_rows(path, rows)
+    return rows
+
+
+def _read_seeds_info(path: str) -> Dict[str, Any]:
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def _prepare_seeds(cfg: StudyConfig, st: "_Study", seeds, seeds_info: Dict[str, Any], info_path: str) -> Dict[int, Dict[str, Any]]:
     prep: Dict[int, Dict[str, Any]] = {}
-    # every seed first (training, SNP, validation choices), then the cells, most informative first
-    for seed in cfg.seeds:
-        seed = int(seed)
-        if not any(c[0] == seed for c in todo) and seed not in need_variants:
-            continue
+    for seed in seeds:
         p = prep[seed] = _prepare_seed(cfg, st, seed)
         old = seeds_info.get(str(seed)) or {}
         seeds_info[str(seed)] = {"model_source": p["source"], "validation": p["val_info"], "classifier": p["cls_info"],
@@ -550,55 +583,183 @@ def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
                                  "model": p["model"].config.get("name") if hasattr(p["model"], "config") else None,
                                  "snp_variants": old.get("snp_variants")}
         atomic_write_text(json.dumps(seeds_info, indent=1) + "\n", info_path)
+    return prep
+
+
+def _run_cell(cfg: StudyConfig, st: "_Study", p: Dict[str, Any], seed: int, method: str, density: float,
+              timing: bool = True) -> dict:
+    """One cell: prune, test accuracy, fine-tune (masks fixed), test accuracy, images/s (``timing``
+    False: left empty for :func:`_retime`, which times the same structure on a quiet machine)."""
+    model = p["model"]
+    # every cell of a seed starts from the same RNG state: a resumed study equals an
+    # uninterrupted one, and the methods share the fine-tune's randomness (paired)
+    seed_everything(seed)
+    pruned, lin_d, cls_d, keep = st.prune(method, density, seed, model, p["sets"], p["cls_sets"], p["calib"])
+    pruned = pruned.to(st.device)
+    acc0 = evaluate(pruned, p["test_loader"], st.device)["accuracy"]
+    t1 = time.perf_counter()
+    finetune(pruned, p["train_loader"], epochs=cfg.finetune_epochs, lr=cfg.lr, device=st.device)
+    ft_s = time.perf_counter() - t1
+    acc = evaluate(pruned, p["test_loader"], st.device)["accuracy"]
+    digest = model_digest(pruned)
+    ips = dense_ips = None
+    if timing:
+        convert_to_andc(pruned)   # block-masked layers to ANDCLinear (node removal alone: none)
+        ips, dense_ips = st.throughput(pruned, model, p["example"])
+    return {"seed": seed, "method": method, "density": density, "accuracy": acc,
+            "accuracy_before_finetune": acc0, "images_per_s": ips, "dense_images_per_s": dense_ips,
+            "linear_density": lin_d, "classifier_density": cls_d, "connection_keep_fraction": keep,
+            "dense_accuracy": p["dense_acc"], "classifier_threshold": p["threshold"],
+            "finetune_seconds": ft_s, "model_digest": digest}
+
+
+def _todo(cfg: StudyConfig, rows: List[dict]) -> List[tuple]:
+    done = {_cell_key(r["seed"], r["method"], r["density"]) for r in rows}
+    cells = [_cell_key(s, m, d) for s in cfg.seeds for m in cfg.methods for d in cfg.densities]
+    return cell_order(cfg, [c for c in cells if c not in done])
+
+
+def _work_cells(cfg: StudyConfig, st: "_Study", prep: Dict[int, Dict[str, Any]], seeds_info: Dict[str, Any],
+                t0: float, timing: bool = True, before_tier2=None, bar=None) -> None:
+    """Run every unfinished cell this process can claim, most informative first; each finished
+    row is merged into results.csv (under the lock) and the summary rewritten before the next."""
+    results_path = os.path.join(cfg.out, "results.csv")
+    for key in _todo(cfg, _read_rows(results_path)):
+        seed, method, density = key
+        if before_tier2 is not None and _tier(key) == 2:
+            before_tier2()
+            before_tier2 = None
+        claim = _claim(cfg.out, key)
+        if claim is None:
+            continue   # another process of this study is running the cell
+        try:
+            with _results_lock(cfg.out):
+                if key not in set(_todo(cfg, _read_rows(results_path))):
+                    continue   # finished by another process meanwhile
+            if seed not in prep:   # a worker prepares a seed when it first needs one (all on disk)
+                prep[seed] = _prepare_seed(cfg, st, seed)
+            if bar is not None:
+                bar.set_postfix_str(f"seed {seed} {method} {density}")
+            row = _run_cell(cfg, st, prep[seed], seed, method, density, timing=timing)
+            rows = _merge_row(results_path, row)   # a finished cell is on disk before the next starts
+        finally:
+            claim.close()
+        if bar is not None:
+            bar.update(1)
+        ips = "images/s timed after the cells" if row["images_per_s"] is None else f"{row['images_per_s']:.0f} images/s"
+        st.say(f"[cell] seed {seed} {method} {density}: accuracy {row['accuracy']:.4f} "
+               f"(before fine-tune {row['accuracy_before_finetune']:.4f}), {ips}", flush=True)
+        # the summary and report follow every cell: a study stopped part-way reports what it has
+        write_summary(cfg, rows, seeds_info, time.perf_counter() - t0)
+
+
+def _cell_worker(cfg: StudyConfig, threads: int) -> None:
+    """A ``--workers`` process: its own intra-op threads, every claimable cell, no timing."""
+    torch.set_num_threads(threads)
+    st = _Study(cfg)
+    seeds_info = _read_seeds_info(os.path.join(cfg.out, "seeds.json"))
+    _work_cells(cfg, st, {}, seeds_info, t0=time.perf_counter(), timing=False)
+
+
+def _retime(cfg: StudyConfig, st: "_Study", prep: Dict[int, Dict[str, Any]]) -> None:
+    """Images/s of every finished cell that has none (cells run by ``--workers``): the cell's
+    pruned structure again (same seed, same RNG state, so the same masks and widths; speed does
+    not depend on the fine-tuned values), timed against the dense model with nothing else running."""
+    path = os.path.join(cfg.out, "results.csv")
+    wanted = {_cell_key(s, m, d) for s in cfg.seeds for m in cfg.methods for d in cfg.densities}
+    for r in _read_rows(path):
+        key = _cell_key(r["seed"], r["method"], r["density"])
+        if r.get("images_per_s") not in (None, "") or key not in wanted:
+            continue
+        seed = key[0]
+        if seed not in prep:
+            prep[seed] = _prepare_seed(cfg, st, seed)
+        p = prep[seed]
+        seed_everything(seed)
+        pruned, lin_d, _, _ = st.prune(key[1], key[2], seed, p["model"], p["sets"], p["cls_sets"], p["calib"])
+        if abs(lin_d - float(r["linear_density"])) > 1e-9:
+            raise RuntimeError(f"re-pruning cell {key} gave linear density {lin_d}, the cell had {r['linear_density']}")
+        convert_to_andc(pruned.to(st.device))
+        r["images_per_s"], r["dense_images_per_s"] = st.throughput(pruned, p["model"], p["example"])
+        _merge_row(path, r)
+        st.say(f"[timing] seed {seed} {key[1]} {key[2]}: {r['images_per_s']:.0f} images/s "
+               f"(dense {r['dense_images_per_s']:.0f})", flush=True)
+
+
+def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
+    results_path = os.path.join(cfg.out, "results.csv")
+    info_path = os.path.join(cfg.out, "seeds.json")
+    seeds_info = _read_seeds_info(info_path)
+    from tqdm.auto import tqdm
+    todo = _todo(cfg, _read_rows(results_path))
+    need_variants = [int(s) for s in cfg.seeds
+                     if cfg.snp_variants and not (seeds_info.get(str(s)) or {}).get("snp_variants")]
+    # every seed first (training, SNP, validation choices), then the cells, most informative first
+    prep = _prepare_seeds(cfg, st, [int(s) for s in cfg.seeds
+                                    if any(c[0] == int(s) for c in todo) or int(s) in need_variants],
+                          seeds_info, info_path)
+
     def run_variants():
         # the SNR / cluster claims on the same models (no cell depends on them): after the
-        # primary density's cells, before the other densities'
+        # primary density's cells, before the other densities' (with workers: while they run)
         for seed in need_variants:
             p = prep[seed]
             st.say(f"[seed {seed}] SNP variants: readouts {SNP_VARIANT_READOUTS} x theta {SNP_VARIANT_THRESHOLDS}",
                    flush=True)
-            seeds_info[str(seed)]["snp_variants"] = st.snp_variants(seed, p["seed_dir"], p["model"], p["train_plain"],
-                                                                    p["val_loader"], p["num_classes"])
+            info = _read_seeds_info(info_path) or seeds_info
+            info.setdefault(str(seed), seeds_info.get(str(seed), {}))["snp_variants"] = st.snp_variants(
+                seed, p["seed_dir"], p["model"], p["train_plain"], p["val_loader"], p["num_classes"])
+            seeds_info.update(info)
             atomic_write_text(json.dumps(seeds_info, indent=1) + "\n", info_path)
         need_variants.clear()
 
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="study cells", disable=not cfg.progress)
+    n_cells = len(cfg.seeds) * len(cfg.methods) * len(cfg.densities)
+    bar = tqdm(total=n_cells, initial=n_cells - len(todo), desc="study cells", disable=not cfg.progress)
     try:
-        for seed, method, density in todo:
-            if need_variants and _tier((seed, method, density)) == 2:
-                run_variants()
-            p = prep[seed]
-            model = p["model"]
-            bar.set_postfix_str(f"seed {seed} {method} {density}")
-            # every cell of a seed starts from the same RNG state: a resumed study equals an
-            # uninterrupted one, and the methods share the fine-tune's randomness (paired)
-            seed_everything(seed)
-            pruned, lin_d, cls_d, keep = st.prune(method, density, seed, model, p["sets"], p["cls_sets"], p["calib"])
-            pruned = pruned.to(st.device)
-            acc0 = evaluate(pruned, p["test_loader"], st.device)["accuracy"]
-            t1 = time.perf_counter()
-            finetune(pruned, p["train_loader"], epochs=cfg.finetune_epochs, lr=cfg.lr, device=st.device)
-            ft_s = time.perf_counter() - t1
-            acc = evaluate(pruned, p["test_loader"], st.device)["accuracy"]
-            digest = model_digest(pruned)
-            convert_to_andc(pruned)   # block-masked layers to ANDCLinear (node removal alone: none)
-            ips, dense_ips = st.throughput(pruned, model, p["example"])
-            rows.append({"seed": seed, "method": method, "density": density, "accuracy": acc,
-                         "accuracy_before_finetune": acc0, "images_per_s": ips, "dense_images_per_s": dense_ips,
-                         "linear_density": lin_d, "classifier_density": cls_d, "connection_keep_fraction": keep,
-                         "dense_accuracy": p["dense_acc"], "classifier_threshold": p["threshold"],
-                         "finetune_seconds": ft_s, "model_digest": digest})
-            _write_rows(results_path, rows)   # a finished cell is on disk before the next starts
-            done.add((seed, method, density))
-            bar.update(1)
-            st.say(f"[cell] seed {seed} {method} {density}: accuracy {acc:.4f} (before fine-tune {acc0:.4f}), "
-                   f"{ips:.0f} images/s", flush=True)
-            # the summary and report follow every cell: a study stopped part-way reports what it has
-            write_summary(cfg, rows, seeds_info, time.perf_counter() - t0)
+        if cfg.workers > 1 and todo:
+            _run_workers(cfg, st, run_variants, bar)
+        else:
+            _work_cells(cfg, st, prep, seeds_info, t0, timing=True, before_tier2=run_variants, bar=bar)
     finally:
         bar.close()
     run_variants()
-    return write_summary(cfg, rows, seeds_info, time.perf_counter() - t0)
+    _retime(cfg, st, prep)
+    return write_summary(cfg, _read_rows(results_path), seeds_info, time.perf_counter() - t0)
+
+
+def _run_workers(cfg: StudyConfig, st: "_Study", run_variants, bar) -> None:
+    """``--workers N``: N processes (spawned, one intra-op thread each, or an equal share of the
+    cores) claim the cells; this process runs the SNP variants meanwhile, then waits. Several
+    single-threaded processes use this small CPU better than one process with every thread;
+    images/s are not measured under that load but afterwards, by :func:`_retime`."""
+    import multiprocessing as mp
+    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    wcfg = dataclasses.replace(cfg, progress=False)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_cell_worker, args=(wcfg, threads), name=f"cctk-study-worker{i}")
+             for i in range(cfg.workers)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for pr in procs:
+            pr.start()
+        run_variants()
+        path = os.path.join(cfg.out, "results.csv")
+        while any(pr.is_alive() for pr in procs):
+            for pr in procs:
+                pr.join(timeout=5)
+            bar.n = bar.total - len(_todo(cfg, _read_rows(path)))
+            bar.refresh()
+    finally:
+        for pr in procs:
+            if pr.is_alive():
+                pr.terminate()
+            pr.join()
+        torch.set_num_threads(before)
+    bad = [pr.exitcode for pr in procs if pr.exitcode != 0]
+    if bad:
+        raise RuntimeError(f"{len(bad)} study worker(s) failed (exit codes {bad}; their messages are above); "
+                           f"finished cells are kept: rerun the same command to resume")
 
 
 def write_summary(cfg: StudyConfig, rows: List[dict], seeds_info: dict, wall: float) -> Dict[str, Any]:

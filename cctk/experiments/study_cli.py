@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoints", default=None, help="comma list of trained checkpoints, one per seed")
     p.add_argument("--bench-batch", type=int, default=32, help="images/s batch")
     p.add_argument("--bench-rounds", type=int, default=3, help="interleaved timing rounds (fastest kept)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes running cells at once (one thread each on this CPU); images/s are then "
+                        "timed after the cells, with nothing else running")
     p.add_argument("--data-dir", default=None, help="dataset directory")
     p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                       val_size=args.val_size, threshold=args.threshold, readout_epochs=args.readout_epochs,
                       readout_optimizer=args.readout_optimizer, classifier_tolerance=args.classifier_tolerance,
                       checkpoints=_list(args.checkpoints, str, "checkpoints") if args.checkpoints else None,
-                      snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, data_dir=args.data_dir,
+                      snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, data_dir=args.data_dir,
                       device=args.device, progress=not args.no_progress,
                       **({"classifier_scan": ()} if args.dense_classifier else {}))
     summary = run_study(cfg)
