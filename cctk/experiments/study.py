@@ -24,7 +24,10 @@ Steps 1-4 run for every seed first; then the cells run most informative first
 (:func:`cell_order`: the primary comparison for every seed, the other methods at its density,
 then the other densities), with ``summary.json`` and ``report.html`` rewritten after each, so
 a study stopped part-way reports what it has; ``--snp-variants`` runs after the primary
-density's cells.
+density's cells. ``workers > 1``: that many processes claim cells (one intra-op thread each on a
+small CPU, where single-threaded processes side by side fine-tune faster than one process with
+both threads), the SNP variants run meanwhile, and images/s are measured after the last cell with
+nothing else running (:func:`_retime`: the same seed re-prunes to the same structure).
 
 Methods: the block scorers of :mod:`cctk.prune.scorers` (``andc``, ``magnitude``, ``wanda``,
 ``random``, ``andc-shuffled``: equal per-layer block densities; the non-ANDC block methods keep
