@@ -111,8 +111,11 @@ def test_retime_fills_missing_images_per_s(digits_study, tmp_path):
         if r["method"] == "wanda":
             r["images_per_s"] = r["dense_images_per_s"] = ""
     study._write_rows(os.path.join(out, "results.csv"), rows)
-    assert main(TINY + ["--methods", "all", "--out", out]) == 0
+    # --time-only with a method more: no new cell runs, the missing images/s are filled
+    assert main(TINY + ["--methods", ",".join(study.ALL_METHODS) + ",andc-magnitude",
+                        "--time-only", "--out", out]) == 0
     after = _rows(out)
+    assert len(after) == len(rows) and "andc-magnitude" not in {r["method"] for r in after}
     for r, a in zip(rows, after):
         assert (a["seed"], a["method"], a["accuracy"], a["model_digest"]) == (r["seed"], r["method"], r["accuracy"], r["model_digest"])
         assert float(a["images_per_s"]) > 0

@@ -28,6 +28,8 @@ density's cells. ``workers > 1``: that many processes claim cells (one intra-op 
 small CPU, where single-threaded processes side by side fine-tune faster than one process with
 both threads), the SNP variants run meanwhile, and images/s are measured after the last cell with
 nothing else running (:func:`_retime`: the same seed re-prunes to the same structure).
+``time_only``: no new cell; the finished cells that lack images/s are timed and the summary
+written (a study stopped part-way, reported with what it has).
 
 Methods: the block scorers of :mod:`cctk.prune.scorers` (``andc``, ``magnitude``, ``wanda``,
 ``random``, ``andc-shuffled``: equal per-layer block densities; the non-ANDC block methods keep
@@ -112,6 +114,7 @@ class StudyConfig:
     bench_rounds: int = 3
     bench_dtype: str = "float32"
     workers: int = 1                        # processes running cells (images/s timed after, quietly)
+    time_only: bool = False                 # run no cell: time finished cells lacking images/s, summarise
     checkpoints: Optional[Sequence[str]] = None
     snp_variants: bool = False              # also SNP with both readouts x SNP_VARIANT_THRESHOLDS
     data_dir: Optional[str] = None
@@ -694,9 +697,9 @@ def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
     info_path = os.path.join(cfg.out, "seeds.json")
     seeds_info = _read_seeds_info(info_path)
     from tqdm.auto import tqdm
-    todo = _todo(cfg, _read_rows(results_path))
-    need_variants = [int(s) for s in cfg.seeds
-                     if cfg.snp_variants and not (seeds_info.get(str(s)) or {}).get("snp_variants")]
+    todo = [] if cfg.time_only else _todo(cfg, _read_rows(results_path))
+    need_variants = [int(s) for s in cfg.seeds if cfg.snp_variants and not cfg.time_only
+                     and not (seeds_info.get(str(s)) or {}).get("snp_variants")]
     # every seed first (training, SNP, validation choices), then the cells, most informative first
     prep = _prepare_seeds(cfg, st, [int(s) for s in cfg.seeds
                                     if any(c[0] == int(s) for c in todo) or int(s) in need_variants],
@@ -719,7 +722,9 @@ def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
     n_cells = len(cfg.seeds) * len(cfg.methods) * len(cfg.densities)
     bar = tqdm(total=n_cells, initial=n_cells - len(todo), desc="study cells", disable=not cfg.progress)
     try:
-        if cfg.workers > 1 and todo:
+        if cfg.time_only:
+            pass
+        elif cfg.workers > 1 and todo:
             _run_workers(cfg, st, run_variants, bar)
         else:
             _work_cells(cfg, st, prep, seeds_info, t0, timing=True, before_tier2=run_variants, bar=bar)

@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="processes running cells at once (one thread each on this CPU); images/s are then "
                         "timed after the cells, with nothing else running")
+    p.add_argument("--time-only", action="store_true",
+                   help="run no new cell: time the finished cells that have no images/s yet and write the summary")
     p.add_argument("--data-dir", default=None, help="dataset directory")
     p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                       val_size=args.val_size, threshold=args.threshold, readout_epochs=args.readout_epochs,
                       readout_optimizer=args.readout_optimizer, classifier_tolerance=args.classifier_tolerance,
                       checkpoints=_list(args.checkpoints, str, "checkpoints") if args.checkpoints else None,
-                      snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, data_dir=args.data_dir,
+                      snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, time_only=args.time_only, data_dir=args.data_dir,
                       device=args.device, progress=not args.no_progress,
                       **({"classifier_scan": ()} if args.dense_classifier else {}))
     summary = run_study(cfg)
