@@ -235,7 +235,7 @@ def summarize_results(rows: List[dict], baseline: str = "magnitude") -> Dict[str
         ips = [float(r["images_per_s"]) for r in seeds.values() if r.get("images_per_s") not in (None, "")]
         ips_mean, ips_ci, _ = _t_interval(ips) if ips else (None, [None, None], None)
         before = [float(r["accuracy_before_finetune"]) for r in seeds.values()]
-        # images/s over the dense model's, timed interleaved in the same cell: steadier than raw
+        # images/s over the dense model's, timed interleaved with it: steadier than raw
         # images/s on a shared machine
         speed = [float(r["images_per_s"]) / float(r["dense_images_per_s"]) for r in seeds.values()
                  if r.get("images_per_s") not in (None, "") and r.get("dense_images_per_s") not in (None, "", 0)]
@@ -827,7 +827,7 @@ def study_markdown(summary: Dict[str, Any]) -> str:
                        + ("n/a" if p["p_value"] is None else f"{p['p_value']:.3g}")
                        + ("" if p.get("p_holm") is None else f", Holm {p['p_holm']:.3g}") + (" (primary)" if p["primary"] else ""))
         lines.append(f"| {m} | " + " | ".join(row) + " |")
-    lines += ["", "Images/s over the dense model's (both through cctk.optimize, timed interleaved in the same cell):", "",
+    lines += ["", "Images/s over the dense model's (both through cctk.optimize, timed interleaved with each other; with --workers after the last cell):", "",
               head, sep]
     for m in methods:
         row = [("" if (m, d) not in by or by[m, d].get("speedup_vs_dense_mean") is None
