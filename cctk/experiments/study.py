@@ -592,26 +592,34 @@ def _prepare_seeds(cfg: StudyConfig, st: "_Study", seeds, seeds_info: Dict[str, 
     return prep
 
 
+def _prune_cell(st: "_Study", p: Dict[str, Any], seed: int, method: str, density: float):
+    """A cell's pruned model (on the study's device), its linear and classifier densities and
+    kept-connection fraction. Every cell of a seed starts from the same RNG state: a resumed study
+    equals an uninterrupted one, the methods share the fine-tune's randomness (paired), and the
+    timing pass rebuilds the same structure."""
+    seed_everything(seed)
+    pruned, lin_d, cls_d, keep = st.prune(method, density, seed, p["model"], p["sets"], p["cls_sets"], p["calib"])
+    return pruned.to(st.device), lin_d, cls_d, keep
+
+
+def _time_pruned(st: "_Study", p: Dict[str, Any], pruned) -> tuple:
+    """(pruned, dense) images/s; block-masked layers become ANDCLinear first (node removal alone: none)."""
+    convert_to_andc(pruned)
+    return st.throughput(pruned, p["model"], p["example"])
+
+
 def _run_cell(cfg: StudyConfig, st: "_Study", p: Dict[str, Any], seed: int, method: str, density: float,
               timing: bool = True) -> dict:
     """One cell: prune, test accuracy, fine-tune (masks fixed), test accuracy, images/s (``timing``
     False: left empty for :func:`_retime`, which times the same structure on a quiet machine)."""
-    model = p["model"]
-    # every cell of a seed starts from the same RNG state: a resumed study equals an
-    # uninterrupted one, and the methods share the fine-tune's randomness (paired)
-    seed_everything(seed)
-    pruned, lin_d, cls_d, keep = st.prune(method, density, seed, model, p["sets"], p["cls_sets"], p["calib"])
-    pruned = pruned.to(st.device)
+    pruned, lin_d, cls_d, keep = _prune_cell(st, p, seed, method, density)
     acc0 = evaluate(pruned, p["test_loader"], st.device)["accuracy"]
     t1 = time.perf_counter()
     finetune(pruned, p["train_loader"], epochs=cfg.finetune_epochs, lr=cfg.lr, device=st.device)
     ft_s = time.perf_counter() - t1
     acc = evaluate(pruned, p["test_loader"], st.device)["accuracy"]
     digest = model_digest(pruned)
-    ips = dense_ips = None
-    if timing:
-        convert_to_andc(pruned)   # block-masked layers to ANDCLinear (node removal alone: none)
-        ips, dense_ips = st.throughput(pruned, model, p["example"])
+    ips, dense_ips = _time_pruned(st, p, pruned) if timing else (None, None)
     return {"seed": seed, "method": method, "density": density, "accuracy": acc,
             "accuracy_before_finetune": acc0, "images_per_s": ips, "dense_images_per_s": dense_ips,
             "linear_density": lin_d, "classifier_density": cls_d, "connection_keep_fraction": keep,
@@ -619,10 +627,18 @@ def _run_cell(cfg: StudyConfig, st: "_Study", p: Dict[str, Any], seed: int, meth
             "finetune_seconds": ft_s, "model_digest": digest}
 
 
+def _cells(cfg: StudyConfig) -> List[tuple]:
+    """Every cell of the study: seed x method x density."""
+    return [_cell_key(s, m, d) for s in cfg.seeds for m in cfg.methods for d in cfg.densities]
+
+
+def _done(rows: List[dict]) -> set:
+    return {_cell_key(r["seed"], r["method"], r["density"]) for r in rows}
+
+
 def _todo(cfg: StudyConfig, rows: List[dict]) -> List[tuple]:
-    done = {_cell_key(r["seed"], r["method"], r["density"]) for r in rows}
-    cells = [_cell_key(s, m, d) for s in cfg.seeds for m in cfg.methods for d in cfg.densities]
-    return cell_order(cfg, [c for c in cells if c not in done])
+    done = _done(rows)
+    return cell_order(cfg, [c for c in _cells(cfg) if c not in done])
 
 
 def _work_cells(cfg: StudyConfig, st: "_Study", prep: Dict[int, Dict[str, Any]], seeds_info: Dict[str, Any],
@@ -639,9 +655,8 @@ def _work_cells(cfg: StudyConfig, st: "_Study", prep: Dict[int, Dict[str, Any]],
         if claim is None:
             continue   # another process of this study is running the cell
         try:
-            with _results_lock(cfg.out):
-                if key not in set(_todo(cfg, _read_rows(results_path))):
-                    continue   # finished by another process meanwhile
+            if key in _done(_read_rows(results_path)):
+                continue   # finished by another process meanwhile
             if seed not in prep:   # a worker prepares a seed when it first needs one (all on disk)
                 prep[seed] = _prepare_seed(cfg, st, seed)
             if bar is not None:
@@ -672,7 +687,7 @@ def _retime(cfg: StudyConfig, st: "_Study", prep: Dict[int, Dict[str, Any]]) -> 
     pruned structure again (same seed, same RNG state, so the same masks and widths; speed does
     not depend on the fine-tuned values), timed against the dense model with nothing else running."""
     path = os.path.join(cfg.out, "results.csv")
-    wanted = {_cell_key(s, m, d) for s in cfg.seeds for m in cfg.methods for d in cfg.densities}
+    wanted = set(_cells(cfg))
     for r in _read_rows(path):
         key = _cell_key(r["seed"], r["method"], r["density"])
         if r.get("images_per_s") not in (None, "") or key not in wanted:
@@ -680,13 +695,10 @@ def _retime(cfg: StudyConfig, st: "_Study", prep: Dict[int, Dict[str, Any]]) -> 
         seed = key[0]
         if seed not in prep:
             prep[seed] = _prepare_seed(cfg, st, seed)
-        p = prep[seed]
-        seed_everything(seed)
-        pruned, lin_d, _, _ = st.prune(key[1], key[2], seed, p["model"], p["sets"], p["cls_sets"], p["calib"])
+        pruned, lin_d, _, _ = _prune_cell(st, prep[seed], seed, key[1], key[2])
         if abs(lin_d - float(r["linear_density"])) > 1e-9:
             raise RuntimeError(f"re-pruning cell {key} gave linear density {lin_d}, the cell had {r['linear_density']}")
-        convert_to_andc(pruned.to(st.device))
-        r["images_per_s"], r["dense_images_per_s"] = st.throughput(pruned, p["model"], p["example"])
+        r["images_per_s"], r["dense_images_per_s"] = _time_pruned(st, prep[seed], pruned)
         _merge_row(path, r)
         st.say(f"[timing] seed {seed} {key[1]} {key[2]}: {r['images_per_s']:.0f} images/s "
                f"(dense {r['dense_images_per_s']:.0f})", flush=True)
@@ -712,21 +724,17 @@ def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
             p = prep[seed]
             st.say(f"[seed {seed}] SNP variants: readouts {SNP_VARIANT_READOUTS} x theta {SNP_VARIANT_THRESHOLDS}",
                    flush=True)
-            info = _read_seeds_info(info_path) or seeds_info
-            info.setdefault(str(seed), seeds_info.get(str(seed), {}))["snp_variants"] = st.snp_variants(
-                seed, p["seed_dir"], p["model"], p["train_plain"], p["val_loader"], p["num_classes"])
-            seeds_info.update(info)
+            seeds_info[str(seed)]["snp_variants"] = st.snp_variants(seed, p["seed_dir"], p["model"], p["train_plain"],
+                                                                    p["val_loader"], p["num_classes"])
             atomic_write_text(json.dumps(seeds_info, indent=1) + "\n", info_path)
         need_variants.clear()
 
-    n_cells = len(cfg.seeds) * len(cfg.methods) * len(cfg.densities)
+    n_cells = len(_cells(cfg))
     bar = tqdm(total=n_cells, initial=n_cells - len(todo), desc="study cells", disable=not cfg.progress)
     try:
-        if cfg.time_only:
-            pass
-        elif cfg.workers > 1 and todo:
+        if todo and cfg.workers > 1:
             _run_workers(cfg, st, run_variants, bar)
-        else:
+        elif todo:   # (--time-only: no cell)
             _work_cells(cfg, st, prep, seeds_info, t0, timing=True, before_tier2=run_variants, bar=bar)
     finally:
         bar.close()
@@ -771,7 +779,7 @@ def _run_workers(cfg: StudyConfig, st: "_Study", run_variants, bar) -> None:
 
 
 def write_summary(cfg: StudyConfig, rows: List[dict], seeds_info: dict, wall: float) -> Dict[str, Any]:
-    wanted = {_cell_key(s, m, d) for s in cfg.seeds for m in cfg.methods for d in cfg.densities}
+    wanted = set(_cells(cfg))
     rows = [r for r in rows if _cell_key(r["seed"], r["method"], r["density"]) in wanted]
     stats = summarize_results(rows)
     summary = {"primary_question": PRIMARY, "config": cfg.as_dict(), "block_size": _Study(cfg).B,
