@@ -18,12 +18,12 @@ stalls a whole parallel region). Per-core CPU time is steady there:
   time, and the figure each bench file records in ``extra_info`` against its baseline
   (``speedup_vs_dense``, ``ratio_vs_plain`` or ``ratio_vs_best_dense``); bench_models adds its
   per-group table (images/s of each provider's fastest interleaved round, ratio to the best dense
-  runtime) and the machine's measured peaks.
+  runtime) and the machine's measured peaks; bench_study_peers the same table for a finished
+  study's models.
 """
 from __future__ import annotations
 
 import os
-import platform
 import sys
 
 import pytest
@@ -43,16 +43,15 @@ def bench_full(request) -> bool:
 
 
 def _cpu_description() -> dict:
-    info = {"model": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(), "flags": []}
+    from cctk.timing import cpu_model
+    info = {"model": cpu_model(), "logical_cpus": os.cpu_count(), "flags": []}
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
         for line in text.splitlines():
             key, _, value = line.partition(":")
             key = key.strip()
-            if key == "model name":
-                info["model"] = value.strip()
-            elif key == "flags" and not info["flags"]:
+            if key == "flags" and not info["flags"]:
                 flags = value.split()
                 info["flags"] = sorted(fl for fl in flags if fl.startswith(("avx512", "amx", "avx2", "fma")))
     except OSError:
@@ -130,8 +129,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line("")
         tr.write_line(f"{group if group != last else '':<{w0}}  {provider:<{w1}}  {median:>10}  {ratio}")
         last = group
-    models = sys.modules.get("bench_models")
-    lines = models.summary_lines() if models is not None else []
+    lines = [ln for name in ("bench_models", "bench_study_peers") if name in sys.modules
+             for ln in sys.modules[name].summary_lines()]
     if lines:
         tr.write_sep("=", "whole-model throughput: images/s and ratio to the best dense runtime")
         for line in lines:

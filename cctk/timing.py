@@ -38,6 +38,29 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], rounds: int = 15, wa
     return times
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timing_machine(device: torch.device | str | None = None) -> str:
+    """Where a figure was timed, for its record: the GPU's name on a CUDA ``device``, else the
+    CPU model and torch's intra-op thread count (a ratio measured on one machine says little
+    about another)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
 def images_per_s(seconds: list, batch: int) -> float:
     """Throughput of the fastest round: ``batch / min(seconds)``."""
     return batch / min(seconds)

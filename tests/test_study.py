@@ -33,12 +33,14 @@ def test_study_writes_results_summary_report(digits_study):
     assert len(rows) == 2 * len(study.ALL_METHODS)
     assert {(r["seed"], r["method"]) for r in rows} == {(str(s), m) for s in (0, 1) for m in study.ALL_METHODS}
     for r in rows:
-        for k in ("accuracy", "accuracy_before_finetune", "images_per_s", "linear_density", "classifier_density"):
+        for k in ("accuracy", "accuracy_before_finetune", "images_per_s", "linear_density", "classifier_density",
+                  "timed_on"):
             assert r[k] != "", (k, r)
         assert abs(float(r["linear_density"]) - 0.25) < 0.02
         assert (r["connection_keep_fraction"] != "") == (r["method"] in ("andc", "andc-shuffled"))
     s = json.load(open(os.path.join(digits_study, "summary.json")))
     assert {c["method"] for c in s["cells"]} == set(study.ALL_METHODS)
+    assert s["timed_on"] == [rows[0]["timed_on"]] and s["machine"]["cpu"] in rows[0]["timed_on"]
     cell = next(c for c in s["cells"] if c["method"] == "andc")
     acc = [float(r["accuracy"]) for r in rows if r["method"] == "andc"]
     assert cell["n"] == 2 and cell["accuracy_mean"] == pytest.approx(sum(acc) / 2)
@@ -111,6 +113,12 @@ def test_retime_fills_missing_images_per_s(digits_study, tmp_path):
         if r["method"] == "wanda":
             r["images_per_s"] = r["dense_images_per_s"] = ""
     study._write_rows(os.path.join(out, "results.csv"), rows)
+    # a results.csv written before the timed_on column resumes
+    old_fields = [k for k in study.RESULT_FIELDS if k != "timed_on"]
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
     # --time-only with a method more: no new cell runs, the missing images/s are filled
     assert main(TINY + ["--methods", ",".join(study.ALL_METHODS) + ",andc-magnitude",
                         "--time-only", "--out", out]) == 0
@@ -119,6 +127,34 @@ def test_retime_fills_missing_images_per_s(digits_study, tmp_path):
     for r, a in zip(rows, after):
         assert (a["seed"], a["method"], a["accuracy"], a["model_digest"]) == (r["seed"], r["method"], r["accuracy"], r["model_digest"])
         assert float(a["images_per_s"]) > 0
+        assert a["timed_on"] if r["method"] == "wanda" else a["timed_on"] == ""   # old rows: not known
+
+
+def test_study_cell_models_rebuilds_cells_and_writes_nothing(digits_study):
+    """The models of a finished study, for timing against other runtimes: each cell's pruned
+    structure (its linear density as in results.csv; block methods hold ANDCLinear, structured a
+    smaller dense model), the trained dense model and a bench batch; the directory is unchanged."""
+    from cctk.nn import ANDCLinear
+    from cctk.errors import ConfigError
+    before = {f: os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(digits_study) for f in fs}
+    got = study.study_cell_models(digits_study, 1, ["magnitude", "structured"], 0.25)
+    rows = {r["method"]: r for r in _rows(digits_study) if r["seed"] == "1"}
+    dense = got["dense"]
+    assert got["example"].shape[0] == 8
+    assert any(isinstance(m, ANDCLinear) for m in got["pruned"]["magnitude"].modules())
+    assert not any(isinstance(m, ANDCLinear) for m in got["pruned"]["structured"].modules())
+    for method, m in got["pruned"].items():
+        assert not m.training
+        assert study.relative_linear_density(dense, m) == pytest.approx(float(rows[method]["linear_density"]), abs=1e-9)
+        assert m(got["example"]).shape == dense(got["example"]).shape
+    after = {f: os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(digits_study) for f in fs}
+    assert after == before
+    with pytest.raises(ConfigError, match="no finished cell"):
+        study.study_cell_models(digits_study, 1, ["andc-magnitude"], 0.25)
+    with pytest.raises(ConfigError, match="no finished cell"):
+        study.study_cell_models(digits_study, 5, ["andc"], 0.25)
+    with pytest.raises(ConfigError, match="no study"):
+        study.study_cell_models(os.path.join(digits_study, "seed0"), 0, ["andc"], 0.25)
 
 
 def test_holm_and_paired_statistics():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cctk.timing import images_per_s, interleaved_times, models_images_per_s
+from cctk.timing import cpu_model, images_per_s, interleaved_times, models_images_per_s, timing_machine
 
 
 def test_interleaved_order_and_counts():
@@ -22,3 +22,10 @@ def test_models_images_per_s_and_bad_input():
         interleaved_times({})
     with pytest.raises(ValueError, match="positive int"):
         interleaved_times({"a": lambda: None}, rounds=0)
+
+
+def test_timing_machine_names_the_cpu_and_threads():
+    name = cpu_model()
+    assert isinstance(name, str) and name.strip()
+    assert timing_machine() == f"{name}, {torch.get_num_threads()} threads"
+    assert timing_machine("cpu") == timing_machine()

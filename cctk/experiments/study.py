@@ -68,7 +68,7 @@ from cctk.checkpoint import atomic_write_text, checkpoint_provenance, load_check
 from cctk.errors import ConfigError
 from cctk.experiments.pipeline import CLASSIFIER_SCAN, DEFAULT_BLOCK_SIZE, Run, scan_classifier
 from cctk.optimize import optimize
-from cctk.timing import models_images_per_s
+from cctk.timing import cpu_model, models_images_per_s, timing_machine
 from cctk.prune.andc import RecognizedSets, final_stream_means, final_stream_sets
 from cctk.prune.convert import convert_to_andc, density_summary, relative_linear_density
 from cctk.prune.finetune import finetune
@@ -85,7 +85,9 @@ SNP_VARIANT_READOUTS = ("adam", "sgd")
 SNP_VARIANT_THRESHOLDS = (0.2, 0.3, 0.5)
 RESULT_FIELDS = ["seed", "method", "density", "accuracy", "accuracy_before_finetune", "images_per_s",
                  "dense_images_per_s", "linear_density", "classifier_density", "connection_keep_fraction",
-                 "dense_accuracy", "classifier_threshold", "finetune_seconds", "model_digest"]
+                 "dense_accuracy", "classifier_threshold", "finetune_seconds", "model_digest", "timed_on"]
+# columns every results.csv has (``timed_on`` came later: older files resume without it)
+_REQUIRED_FIELDS = RESULT_FIELDS[:-1]
 
 
 @dataclasses.dataclass
@@ -411,7 +413,7 @@ class _Study:
         x = example.to(self.device, dtype)
         # interleaved rounds, fastest of each (cctk.timing): pruned and dense see the same machine
         r = models_images_per_s({"pruned": fast, "dense": fast_dense}, x, rounds=self.cfg.bench_rounds)
-        return r["pruned"]["images_per_s"], r["dense"]["images_per_s"]
+        return r["pruned"]["images_per_s"], r["dense"]["images_per_s"], timing_machine(self.device)
 
 
 def model_digest(model: torch.nn.Module) -> str:
@@ -441,7 +443,7 @@ def _read_rows(path: str) -> List[dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
-        if set(RESULT_FIELDS) - set(r):
+        if set(_REQUIRED_FIELDS) - set(r):
             raise ConfigError(f"{path} is not a cctk study results file (columns {list(r)}); choose another --out")
     return rows
 
@@ -603,7 +605,8 @@ def _prune_cell(st: "_Study", p: Dict[str, Any], seed: int, method: str, density
 
 
 def _time_pruned(st: "_Study", p: Dict[str, Any], pruned) -> tuple:
-    """(pruned, dense) images/s; block-masked layers become ANDCLinear first (node removal alone: none)."""
+    """(pruned images/s, dense images/s, where they were timed); block-masked layers become
+    ANDCLinear first (node removal alone: none)."""
     convert_to_andc(pruned)
     return st.throughput(pruned, p["model"], p["example"])
 
@@ -619,12 +622,12 @@ def _run_cell(cfg: StudyConfig, st: "_Study", p: Dict[str, Any], seed: int, meth
     ft_s = time.perf_counter() - t1
     acc = evaluate(pruned, p["test_loader"], st.device)["accuracy"]
     digest = model_digest(pruned)
-    ips, dense_ips = _time_pruned(st, p, pruned) if timing else (None, None)
+    ips, dense_ips, timed_on = _time_pruned(st, p, pruned) if timing else (None, None, None)
     return {"seed": seed, "method": method, "density": density, "accuracy": acc,
             "accuracy_before_finetune": acc0, "images_per_s": ips, "dense_images_per_s": dense_ips,
             "linear_density": lin_d, "classifier_density": cls_d, "connection_keep_fraction": keep,
             "dense_accuracy": p["dense_acc"], "classifier_threshold": p["threshold"],
-            "finetune_seconds": ft_s, "model_digest": digest}
+            "finetune_seconds": ft_s, "model_digest": digest, "timed_on": timed_on}
 
 
 def _cells(cfg: StudyConfig) -> List[tuple]:
@@ -682,10 +685,22 @@ def _cell_worker(cfg: StudyConfig, threads: int) -> None:
     _work_cells(cfg, st, {}, seeds_info, t0=time.perf_counter(), timing=False)
 
 
+def _rebuild_cell(st: "_Study", p: Dict[str, Any], row: dict):
+    """A finished cell's pruned structure again, ready to time (block-masked layers as
+    ANDCLinear): same seed, same RNG state, so the same masks and widths (checked against the
+    row's linear density); the weights are not fine-tuned (speed does not depend on them)."""
+    seed, method, density = _cell_key(row["seed"], row["method"], row["density"])
+    pruned, lin_d, _, _ = _prune_cell(st, p, seed, method, density)
+    if abs(lin_d - float(row["linear_density"])) > 1e-9:
+        raise RuntimeError(f"re-pruning cell {(seed, method, density)} gave linear density {lin_d}, "
+                           f"the cell had {row['linear_density']}")
+    return convert_to_andc(pruned)
+
+
 def _retime(cfg: StudyConfig, st: "_Study", prep: Dict[int, Dict[str, Any]]) -> None:
     """Images/s of every finished cell that has none (cells run by ``--workers``): the cell's
-    pruned structure again (same seed, same RNG state, so the same masks and widths; speed does
-    not depend on the fine-tuned values), timed against the dense model with nothing else running."""
+    pruned structure rebuilt (:func:`_rebuild_cell`), timed against the dense model with nothing
+    else running."""
     path = os.path.join(cfg.out, "results.csv")
     wanted = set(_cells(cfg))
     for r in _read_rows(path):
@@ -695,13 +710,42 @@ def _retime(cfg: StudyConfig, st: "_Study", prep: Dict[int, Dict[str, Any]]) -> 
         seed = key[0]
         if seed not in prep:
             prep[seed] = _prepare_seed(cfg, st, seed)
-        pruned, lin_d, _, _ = _prune_cell(st, prep[seed], seed, key[1], key[2])
-        if abs(lin_d - float(r["linear_density"])) > 1e-9:
-            raise RuntimeError(f"re-pruning cell {key} gave linear density {lin_d}, the cell had {r['linear_density']}")
-        r["images_per_s"], r["dense_images_per_s"] = _time_pruned(st, prep[seed], pruned)
+        r["images_per_s"], r["dense_images_per_s"], r["timed_on"] = _time_pruned(st, prep[seed], _rebuild_cell(st, prep[seed], r))
         _merge_row(path, r)
         st.say(f"[timing] seed {seed} {key[1]} {key[2]}: {r['images_per_s']:.0f} images/s "
                f"(dense {r['dense_images_per_s']:.0f})", flush=True)
+
+
+def study_cell_models(out: str, seed: int, methods: Sequence[str], density: float,
+                      data_dir: Optional[str] = None) -> Dict[str, Any]:
+    """The models of one seed of a finished study directory, for timing them against other
+    runtimes (``bench/bench_study_peers.py``): ``{"dense": the trained model, "example": a test
+    batch of the study's bench batch size, "pruned": {method: the cell's pruned structure}}``
+    (:func:`_rebuild_cell`; eval mode, on the CPU). Reads ``out``, writes nothing; a method whose
+    cell is not in ``results.csv`` raises ``ConfigError``."""
+    config_path = os.path.join(out, "study_config.json")
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{out} holds no study (no study_config.json); run `cctk study --out {out}` first")
+    with open(config_path) as f:
+        fields = json.load(f)
+    names = {f.name for f in dataclasses.fields(StudyConfig)}
+    fields = {k: v for k, v in fields.items() if k in names}
+    fields.update(out=out, device="cpu", verbose=False, progress=False, workers=1,
+                  **({"data_dir": data_dir} if data_dir else {}))
+    cfg = StudyConfig(**fields)
+    rows = {_cell_key(r["seed"], r["method"], r["density"]): r
+            for r in _read_rows(os.path.join(out, "results.csv"))}
+    missing = [m for m in methods if _cell_key(seed, m, density) not in rows]
+    if missing:
+        raise ConfigError(f"{out} has no finished cell for seed {seed}, density {density:g}, method(s) {missing}")
+    st = _Study(cfg)
+    seed_dir = os.path.join(out, f"seed{int(seed)}")
+    for need in (st.checkpoint_path(int(seed), seed_dir), os.path.join(seed_dir, "snp", "snp.json")):
+        if not os.path.isfile(need):   # never train or measure here: this function only reads
+            raise ConfigError(f"{need} is missing: {out} is not a finished study for seed {seed}")
+    p = _prepare_seed(cfg, st, int(seed))
+    pruned = {m: _rebuild_cell(st, p, rows[_cell_key(seed, m, density)]).eval() for m in methods}
+    return {"dense": p["model"].eval(), "example": p["example"], "pruned": pruned}
 
 
 def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
@@ -785,7 +829,8 @@ def write_summary(cfg: StudyConfig, rows: List[dict], seeds_info: dict, wall: fl
     summary = {"primary_question": PRIMARY, "config": cfg.as_dict(), "block_size": _Study(cfg).B,
                "seeds": seeds_info, **stats, "rows": len(rows), "wall_time_s_this_sitting": wall,
                "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                           "threads": torch.get_num_threads()}}
+                           "cpu": cpu_model(), "threads": torch.get_num_threads()},
+               "timed_on": sorted({r["timed_on"] for r in rows if r.get("timed_on")})}
     atomic_write_text(json.dumps(summary, indent=1, default=str) + "\n", os.path.join(cfg.out, "summary.json"))
     atomic_write_text(study_markdown(summary), os.path.join(cfg.out, "summary.md"))
     write_study_report(cfg.out, summary)
@@ -841,6 +886,10 @@ def study_markdown(summary: Dict[str, Any]) -> str:
         row = [("" if (m, d) not in by or by[m, d].get("speedup_vs_dense_mean") is None
                 else f"{by[m, d]['speedup_vs_dense_mean']:.2f}x") for d in densities]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
+    if summary.get("timed_on"):
+        lines += ["", "Timed on: " + "; ".join(summary["timed_on"])
+                  + (" (rows timed on different machines: compare ratios within one machine only)"
+                     if len(summary["timed_on"]) > 1 else "") + "."]
     fr = summary.get("frontier") or []
     lines += ["", "Pareto frontier (accuracy vs images/s): "
               + (", ".join(f"{c['method']} at {c['density']:g}" for c in fr) or "no timings"), ""]
