@@ -4,10 +4,12 @@
 
     pytest bench/bench_study_peers.py --benchmark-only                 # docs/study_fmnist, seed 0, density 0.25
     CCTK_STUDY_DIR=runs/study_fmnist CCTK_STUDY_DENSITY=0.125 pytest bench/bench_study_peers.py --benchmark-only
+    CCTK_BENCH_DTYPE=bfloat16 pytest bench/bench_study_peers.py --benchmark-only    # every provider in bf16
 
 One group, every provider in one process, **interleaved round by round** (CCTK_BENCH_ROUNDS,
-default 15), each provider's **fastest round** (cctk.timing); fp32 and the study's bench batch
-(32), as in the study. Providers:
+default 15), each provider's **fastest round** (cctk.timing); the study's bench batch (32) and
+CCTK_BENCH_DTYPE (default float32, as in the study; bfloat16: every provider in bf16, ONNX
+Runtime skipped). Providers:
 
 * ``dense`` (the study's trained model of seed CCTK_STUDY_SEED, default 0): ``torch eager``
   (stock PyTorch), ``OpenVINO``, ``ONNX Runtime`` (the runners of bench_models.py), ``cctk.optimize``;
@@ -39,6 +41,7 @@ STUDY_DIR = os.environ.get("CCTK_STUDY_DIR", os.path.join(os.path.dirname(__file
 SEED = int(os.environ.get("CCTK_STUDY_SEED", "0"))
 DENSITY = float(os.environ.get("CCTK_STUDY_DENSITY", "0.25"))
 ROUNDS = int(os.environ.get("CCTK_BENCH_ROUNDS", "15"))
+DTYPE = getattr(torch, os.environ.get("CCTK_BENCH_DTYPE", "float32"))
 DENSE_KINDS = ("torch eager", "OpenVINO", "ONNX Runtime", "cctk.optimize")
 _RUN: dict = {}
 
@@ -70,13 +73,13 @@ def pytest_generate_tests(metafunc):
 
 def _build(model, runtime, x):
     if runtime == "torch eager":
-        return _torch_runner(model, torch.float32), None
+        return _torch_runner(model, DTYPE), None
     if runtime == "cctk.optimize":
-        return _cctk_runner(model, torch.float32), None
+        return _cctk_runner(model, DTYPE), None
     if runtime == "OpenVINO":
-        return _openvino_runner(model, torch.float32, x)
+        return _openvino_runner(model, DTYPE, x)
     if runtime == "ONNX Runtime":
-        return _onnxruntime_runner(model, torch.float32, x)
+        return _onnxruntime_runner(model, DTYPE, x)
     raise ValueError(runtime)
 
 
@@ -105,7 +108,7 @@ def _run_all():
             with torch.no_grad():
                 refs[p[0]] = _stock(model)(x).float()
         ref, out = refs[p[0]], run(x)  # also the warm-up call
-        tol = 1e-3 * max(1.0, ref.abs().max().item())
+        tol = (1e-3 if DTYPE == torch.float32 else 0.05) * max(1.0, ref.abs().max().item())
         err = (out - ref).abs().max().item()
         assert err <= tol, f"{p}: logits differ from the fp32 reference by {err:.3g} (> {tol:.3g})"
         runs[p] = run
@@ -125,10 +128,11 @@ def test_study_model_throughput(benchmark, provider):
         pytest.skip(res["skipped"][provider])
     ips, bd = res["images_per_s"][provider], res["best_dense"]
     ov = res["images_per_s"].get(("dense", "OpenVINO"))
-    benchmark.group = f"study {os.path.basename(os.path.normpath(STUDY_DIR))} seed {SEED} density {DENSITY:g} fp32"
+    dt = str(DTYPE).replace("torch.", "")
+    benchmark.group = f"study {os.path.basename(os.path.normpath(STUDY_DIR))} seed {SEED} density {DENSITY:g} {dt}"
     benchmark.extra_info.update(
         provider=f"{provider[0]} {provider[1]}", model=res["model"], study=os.path.abspath(STUDY_DIR), seed=SEED,
-        density=DENSITY, batch=int(res["x"].shape[0]), threads=torch.get_num_threads(), rounds=ROUNDS,
+        density=DENSITY, dtype=dt, batch=int(res["x"].shape[0]), threads=torch.get_num_threads(), rounds=ROUNDS,
         images_per_s=ips, best_dense_provider=f"{bd[0]} {bd[1]}", ratio_vs_best_dense=ips / res["images_per_s"][bd],
         ratio_vs_openvino=ips / ov if ov else None)
     benchmark.pedantic(res["runs"][provider], args=(res["x"],), rounds=3, warmup_rounds=0)
@@ -140,7 +144,7 @@ def summary_lines() -> list[str]:
         return []
     bd = _RUN["best_dense"]
     best = _RUN["images_per_s"][bd]
-    lines = [f"study {STUDY_DIR} seed {SEED}, density {DENSITY:g}, {_RUN['model']} fp32 batch {int(_RUN['x'].shape[0])} "
+    lines = [f"study {STUDY_DIR} seed {SEED}, density {DENSITY:g}, {_RUN['model']} {str(DTYPE).replace('torch.', '')} batch {int(_RUN['x'].shape[0])} "
              f"(fastest of {ROUNDS} interleaved rounds; best dense: {bd[0]} {bd[1]})"]
     for p in _providers():
         if p in _RUN["images_per_s"]:
