@@ -211,6 +211,27 @@ def _build(kind, runtime, dtype, density, x):
     raise ValueError(runtime)
 
 
+def checked_runs(built: dict, x, dtype):
+    """``built``: {provider: (model, run, why skipped or None)}, ``provider[0]`` naming the model
+    it runs. Every run's logits (its first call: also the warm-up and any compilation) are
+    checked against the fp32 output of its model in stock PyTorch (fp32: within 1e-3 of the
+    logit scale; bf16: 5%). Returns ({provider: run}, {provider: why skipped})."""
+    runs, skipped, refs = {}, {}, {}
+    for p, (model, run, why) in built.items():
+        if why:
+            skipped[p] = why
+            continue
+        if p[0] not in refs:
+            with torch.no_grad():
+                refs[p[0]] = _stock(model)(x).float()
+        ref, out = refs[p[0]], run(x)
+        err = (out - ref).abs().max().item()
+        tol = (1e-3 if dtype == torch.float32 else 0.05) * max(1.0, ref.abs().max().item())
+        assert err <= tol, f"{p}: logits differ from the fp32 reference by {err:.3g} (> {tol:.3g})"
+        runs[p] = run
+    return runs, skipped
+
+
 def _group(g, full):
     """Build every provider of group g, check its output, time all interleaved; cached."""
     if g in _GROUPS:
@@ -218,23 +239,8 @@ def _group(g, full):
     dtype, batch, density = g
     x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
     torch._dynamo.reset()  # each group compiles new model objects: start below dynamo's recompile limit
-    runs, skipped, refs = {}, {}, {}
-    for p in PROVIDERS:
-        if p in FULL_ONLY and not full:
-            continue
-        model, run, why = _build(p[0], p[1], dtype, density, x)
-        if why:
-            skipped[p] = why
-            continue
-        if p[0] not in refs:
-            with torch.no_grad():
-                refs[p[0]] = _stock(model)(x).float()
-        ref = refs[p[0]]
-        out = run(x)  # also the warm-up (and compilation) call
-        err = (out - ref).abs().max().item()
-        tol = 1e-3 * max(1.0, ref.abs().max().item()) if dtype == torch.float32 else 0.05 * max(1.0, ref.abs().max().item())
-        assert err <= tol, f"{p}: logits differ from the fp32 reference by {err:.3g} (> {tol:.3g})"
-        runs[p] = run
+    runs, skipped = checked_runs({p: _build(p[0], p[1], dtype, density, x) for p in PROVIDERS
+                                  if full or p not in FULL_ONLY}, x, dtype)
     times = interleaved_times({p: (lambda run=run: run(x)) for p, run in runs.items()}, rounds=ROUNDS, warmup=0)
     best = {p: images_per_s(ts, batch) for p, ts in times.items()}
     dense = {p: v for p, v in best.items() if p[0] == "dense"}
