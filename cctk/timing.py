@@ -2,11 +2,13 @@
 
 On a shared CPU, medians of consecutive runs of one provider swing by 10-35% as other work comes
 and goes; timing several providers **interleaved round by round** exposes them to the same
-machine state, and each provider's **fastest round** is its least-disturbed figure. So every
+machine state, and each provider's **fastest round** is its least-disturbed figure. The order
+changes from round to round (a seeded shuffle), so no provider always runs after the same one. So every
 comparison cctk reports is ``interleaved_times`` -> ``fastest`` ratios, in one process.
 """
 from __future__ import annotations
 
+import random
 import time
 from typing import Any, Callable, Dict, Mapping
 
@@ -14,10 +16,15 @@ import torch
 
 
 def interleaved_times(fns: Mapping[str, Callable[[], Any]], rounds: int = 15, warmup: int = 1,
-                      device: torch.device | str | None = None) -> Dict[str, list]:
+                      device: torch.device | str | None = None, shuffle: bool = True,
+                      seed: int = 0) -> Dict[str, list]:
     """Seconds per call of every provider in ``fns``, ``rounds`` rounds each, interleaved (round r
-    runs every provider once, in order) after ``warmup`` untimed rounds. On a CUDA ``device``
-    each call is followed by a synchronisation (the GPU work is timed, not the launch)."""
+    runs every provider once) after ``warmup`` untimed rounds in the given order. ``shuffle``
+    (default): each timed round runs the providers in a fresh order (``random.Random(seed)``), so
+    that no provider always follows the same one: a runtime whose worker threads keep spinning
+    after its call (OpenVINO's) slows whichever provider runs next, and in a fixed order that
+    penalty would land on the same provider in every round, fastest round included. On a CUDA
+    ``device`` each call is followed by a synchronisation (the GPU work is timed, not the launch)."""
     if not fns:
         raise ValueError("interleaved_times needs at least one provider")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -28,9 +35,14 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], rounds: int = 15, wa
         for fn in fns.values():
             fn()
     sync()
+    names = list(fns)
+    rng = random.Random(seed)
     times: Dict[str, list] = {name: [] for name in fns}
     for _ in range(rounds):
-        for name, fn in fns.items():
+        if shuffle:
+            rng.shuffle(names)
+        for name in names:
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             sync()

@@ -7,10 +7,30 @@ from cctk.timing import cpu_model, images_per_s, interleaved_times, models_image
 
 def test_interleaved_order_and_counts():
     calls = []
-    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
+    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1,
+                              shuffle=False)
     assert calls == ["a", "b"] * 4  # one warm-up round, then rounds interleaved a, b, a, b, ...
     assert set(times) == {"a", "b"} and all(len(v) == 3 and min(v) >= 0 for v in times.values())
     assert images_per_s([0.5, 0.25, 1.0], 8) == 32.0
+
+
+def test_shuffled_rounds_vary_who_runs_after_whom():
+    """Default: every timed round runs each provider once, in a fresh seeded order, so that each
+    provider follows different providers across rounds (a spinning runtime slows whoever is next)."""
+    def run(seed):
+        calls = []
+        fns = {k: (lambda k=k: calls.append(k)) for k in "abcde"}
+        times = interleaved_times(fns, rounds=20, warmup=1, seed=seed)
+        assert all(len(v) == 20 for v in times.values())
+        return calls
+    calls = run(0)
+    assert calls[:5] == list("abcde")   # the warm-up round: given order
+    rounds = [calls[5 + 5 * r: 10 + 5 * r] for r in range(20)]
+    assert all(sorted(r) == list("abcde") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1
+    before_a = {r[r.index("a") - 1] for r in rounds if r.index("a") > 0}
+    assert len(before_a) >= 2
+    assert run(0) == calls and run(1) != calls   # seeded
 
 
 def test_models_images_per_s_and_bad_input():
