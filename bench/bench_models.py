@@ -30,18 +30,16 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
-import warnings
 
 import pytest
 import torch
 
-import cctk
 from cctk.models import create_model
 from cctk.timing import images_per_s, interleaved_times
 from cctk.prune import PrunePlan, apply_masks, convert_to_andc, encoder_linear_names
 from cctk.prune.masks import block_grid
 from cctk.prune.structured import node_fraction_keep, remove_nodes
+from runtimes import cctk_runner, checked_runs, onnxruntime_runner, openvino_runner, torch_runner
 
 MODEL = "cct_7_3x1_32"
 NUM_CLASSES = 100
@@ -91,15 +89,6 @@ def _base():
     return _BASE["dense"]
 
 
-def _stock(model):
-    """The model as stock PyTorch runs it: torch's SDPA attention, nothing of cctk's."""
-    m = copy.deepcopy(model)
-    for sub in m.modules():
-        if hasattr(sub, "fused_attention"):
-            sub.fused_attention = False
-    return m
-
-
 def _pruned(density, seed=0):
     base = _base()
     g = torch.Generator().manual_seed(seed)
@@ -120,82 +109,17 @@ def _structured(density):
     return remove_nodes(base, ff, heads).eval()
 
 
-# ---------------------------------------------------------------------------------------------
-# runtimes: each returns (callable taking the fp32 image batch, why-skipped or None)
-
-def _torch_runner(model, dtype, compile_=False):
-    m = _stock(model).to(dtype)
-    if compile_:
-        m = torch.compile(m, dynamic=False)
-
-    def run(x):
-        with torch.no_grad():
-            return m(x.to(dtype)).float()
-    return run
-
-
-def _cctk_runner(model, dtype, compile_=False):
-    m = cctk.optimize(model, dtype=dtype, compile=compile_)
-
-    def run(x):
-        with torch.no_grad():
-            return m(x).float()
-    return run
-
-
-def _openvino_runner(model, dtype, x):
-    try:
-        import openvino as ov
-    except ImportError:
-        return None, "openvino not installed (pip install cctk[bench])"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        om = ov.convert_model(_stock(model), example_input=x)
-    hint = "bf16" if dtype == torch.bfloat16 else "f32"
-    compiled = ov.Core().compile_model(om, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-                                                   "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-    req = compiled.create_infer_request()
-
-    def run(xb):
-        return torch.from_numpy(req.infer({0: xb.numpy()})[0].copy())
-    return run, None
-
-
-def _onnxruntime_runner(model, dtype, x):
-    if dtype != torch.float32:
-        return None, "ONNX Runtime's CPU provider has no bf16 kernels for this model (fp32 only)"
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None, "onnxruntime not installed (pip install cctk[bench])"
-    path = os.path.join(tempfile.mkdtemp(prefix="cctk-bench-"), "model.onnx")
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_stock(model), (x,), path, dynamo=False, opset_version=17, input_names=["x"],
-                          output_names=["logits"])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-    def run(xb):
-        return torch.from_numpy(sess.run(None, {"x": xb.numpy()})[0])
-    return run, None
-
-
 def _build(kind, runtime, dtype, density, x):
     model = {"dense": _base, "structured": lambda: _structured(density), "pruned": lambda: _pruned(density)}[kind]()
     if runtime == "torch eager":
-        return model, _torch_runner(model, dtype), None
+        return model, torch_runner(model, dtype), None
     if runtime == "torch.compile":
-        return model, _torch_runner(model, dtype, compile_=True), None
+        return model, torch_runner(model, dtype, compile_=True), None
     if runtime == "OpenVINO":
-        run, why = _openvino_runner(model, dtype, x)
+        run, why = openvino_runner(model, dtype, x)
         return model, run, why
     if runtime == "ONNX Runtime":
-        run, why = _onnxruntime_runner(model, dtype, x)
+        run, why = onnxruntime_runner(model, dtype, x)
         return model, run, why
     if runtime == "cctk eager":
         m = copy.deepcopy(model).to(dtype)
@@ -205,31 +129,10 @@ def _build(kind, runtime, dtype, density, x):
                 return m(xb.to(dtype)).float()
         return model, run, None
     if runtime == "cctk.optimize":
-        return model, _cctk_runner(model, dtype), None
+        return model, cctk_runner(model, dtype), None
     if runtime == "cctk.optimize+compile":
-        return model, _cctk_runner(model, dtype, compile_=True), None
+        return model, cctk_runner(model, dtype, compile_=True), None
     raise ValueError(runtime)
-
-
-def checked_runs(built: dict, x, dtype):
-    """``built``: {provider: (model, run, why skipped or None)}, ``provider[0]`` naming the model
-    it runs. Every run's logits (its first call: also the warm-up and any compilation) are
-    checked against the fp32 output of its model in stock PyTorch (fp32: within 1e-3 of the
-    logit scale; bf16: 5%). Returns ({provider: run}, {provider: why skipped})."""
-    runs, skipped, refs = {}, {}, {}
-    for p, (model, run, why) in built.items():
-        if why:
-            skipped[p] = why
-            continue
-        if p[0] not in refs:
-            with torch.no_grad():
-                refs[p[0]] = _stock(model)(x).float()
-        ref, out = refs[p[0]], run(x)
-        err = (out - ref).abs().max().item()
-        tol = (1e-3 if dtype == torch.float32 else 0.05) * max(1.0, ref.abs().max().item())
-        assert err <= tol, f"{p}: logits differ from the fp32 reference by {err:.3g} (> {tol:.3g})"
-        runs[p] = run
-    return runs, skipped
 
 
 def _group(g, full):

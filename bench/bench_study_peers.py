@@ -12,7 +12,7 @@ CCTK_BENCH_DTYPE (default float32, as in the study; bfloat16: every provider in 
 Runtime skipped). Providers:
 
 * ``dense`` (the study's trained model of seed CCTK_STUDY_SEED, default 0): ``torch eager``
-  (stock PyTorch), ``OpenVINO``, ``ONNX Runtime`` (the runners of bench_models.py), ``cctk.optimize``;
+  (stock PyTorch), ``OpenVINO``, ``ONNX Runtime`` (bench/runtimes.py), ``cctk.optimize``;
 * every method of the study at CCTK_STUDY_DENSITY (default 0.25): the cell's pruned structure
   (:func:`cctk.experiments.study.study_cell_models`: same seed, same masks and widths as the
   cell; block-masked layers as ANDCLinear) through ``cctk.optimize``; the node-removal methods
@@ -31,7 +31,7 @@ import os
 import pytest
 import torch
 
-from bench_models import _cctk_runner, _onnxruntime_runner, _openvino_runner, _torch_runner, checked_runs
+from runtimes import cctk_runner, checked_runs, onnxruntime_runner, openvino_runner, torch_runner
 from cctk.data.formats import DataError
 from cctk.errors import ConfigError
 from cctk.nn import ANDCLinear
@@ -75,13 +75,13 @@ def pytest_generate_tests(metafunc):
 
 def _build(model, runtime, x):
     if runtime == "torch eager":
-        return _torch_runner(model, DTYPE), None
+        return torch_runner(model, DTYPE), None
     if runtime == "cctk.optimize":
-        return _cctk_runner(model, DTYPE), None
+        return cctk_runner(model, DTYPE), None
     if runtime == "OpenVINO":
-        return _openvino_runner(model, DTYPE, x)
+        return openvino_runner(model, DTYPE, x)
     if runtime == "ONNX Runtime":
-        return _onnxruntime_runner(model, DTYPE, x)
+        return onnxruntime_runner(model, DTYPE, x)
     raise ValueError(runtime)
 
 

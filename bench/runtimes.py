@@ -1,0 +1,106 @@
+"""The runtimes a whole-model bench sets side by side (shared by bench_models.py and
+bench_study_peers.py): each ``*_runner`` returns a callable taking the fp32 image batch (and,
+for the optional peers, a reason it skipped or None); :func:`checked_runs` checks every runner's
+logits before anything is timed."""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+
+import torch
+
+import cctk
+
+
+def stock_model(model):
+    """The model as stock PyTorch runs it: torch's SDPA attention, nothing of cctk's."""
+    m = copy.deepcopy(model)
+    for sub in m.modules():
+        if hasattr(sub, "fused_attention"):
+            sub.fused_attention = False
+    return m
+
+
+def torch_runner(model, dtype, compile_=False):
+    m = stock_model(model).to(dtype)
+    if compile_:
+        m = torch.compile(m, dynamic=False)
+
+    def run(x):
+        with torch.no_grad():
+            return m(x.to(dtype)).float()
+    return run
+
+
+def cctk_runner(model, dtype, compile_=False):
+    m = cctk.optimize(model, dtype=dtype, compile=compile_)
+
+    def run(x):
+        with torch.no_grad():
+            return m(x).float()
+    return run
+
+
+def openvino_runner(model, dtype, x):
+    try:
+        import openvino as ov
+    except ImportError:
+        return None, "openvino not installed (pip install cctk[bench])"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        om = ov.convert_model(stock_model(model), example_input=x)
+    hint = "bf16" if dtype == torch.bfloat16 else "f32"
+    compiled = ov.Core().compile_model(om, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+                                                   "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    req = compiled.create_infer_request()
+
+    def run(xb):
+        return torch.from_numpy(req.infer({0: xb.numpy()})[0].copy())
+    return run, None
+
+
+def onnxruntime_runner(model, dtype, x):
+    if dtype != torch.float32:
+        return None, "ONNX Runtime's CPU provider has no bf16 kernels for this model (fp32 only)"
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None, "onnxruntime not installed (pip install cctk[bench])"
+    path = os.path.join(tempfile.mkdtemp(prefix="cctk-bench-"), "model.onnx")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(stock_model(model), (x,), path, dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["logits"])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+    def run(xb):
+        return torch.from_numpy(sess.run(None, {"x": xb.numpy()})[0])
+    return run, None
+
+
+def checked_runs(built: dict, x, dtype):
+    """``built``: {provider: (model, run, why skipped or None)}, ``provider[0]`` naming the model
+    it runs. Every run's logits (its first call: also the warm-up and any compilation) are
+    checked against the fp32 output of its model in stock PyTorch (fp32: within 1e-3 of the
+    logit scale; bf16: 5%). Returns ({provider: run}, {provider: why skipped})."""
+    runs, skipped, refs = {}, {}, {}
+    for p, (model, run, why) in built.items():
+        if why:
+            skipped[p] = why
+            continue
+        if p[0] not in refs:
+            with torch.no_grad():
+                refs[p[0]] = stock_model(model)(x).float()
+        ref, out = refs[p[0]], run(x)
+        err = (out - ref).abs().max().item()
+        tol = (1e-3 if dtype == torch.float32 else 0.05) * max(1.0, ref.abs().max().item())
+        assert err <= tol, f"{p}: logits differ from the fp32 reference by {err:.3g} (> {tol:.3g})"
+        runs[p] = run
+    return runs, skipped
