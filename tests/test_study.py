@@ -58,6 +58,7 @@ def test_study_writes_results_summary_report(digits_study):
         assert cls["chosen_on"] == "validation" and s["seeds"][seed]["validation"]["start"] == 120
     html = open(os.path.join(digits_study, "report.html")).read()
     assert "designed for" in html and html.index("designed for") < html.index("<table")
+    assert "Timed on: " + s["machine"]["cpu"] in html
     md = open(os.path.join(digits_study, "summary.md")).read()
     p0 = primary[0]
     assert f"andc - magnitude at density 0.25: **{100 * p0['mean_diff']:.1f} points" in md

@@ -971,7 +971,8 @@ def write_study_report(out: str, summary: Dict[str, Any]) -> str:
     parts.append("</table><h2>Accuracy vs images/s: the Pareto frontier</h2><p>"
                  + (", ".join(f"{html.escape(c['method'])} at {c['density']} ({c['accuracy_mean']:.4f}, "
                               f"{c['images_per_s_mean']:.0f} images/s)" for c in summary.get("frontier", []))
-                    or "no timings") + "</p>")
+                    or "no timings") + "</p>"
+                 + (f"<p>Timed on: {html.escape('; '.join(summary['timed_on']))}.</p>" if summary.get("timed_on") else ""))
     parts.append("<h2>Cells</h2><table border=1><tr><th>method</th><th>density</th><th>n</th>"
                  "<th>accuracy</th><th>95% CI</th><th>before fine-tune</th><th>images/s</th><th>x dense</th>"
                  "<th>linear density</th></tr>")
