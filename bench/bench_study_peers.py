@@ -26,6 +26,7 @@ providers skip.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -48,14 +49,17 @@ DENSE_KINDS = ("torch eager", "OpenVINO", "ONNX Runtime", "cctk.optimize")
 _RUN: dict = {}
 
 
+@functools.lru_cache(maxsize=None)
 def _study_methods():
+    """The methods of the study's cells at SEED and DENSITY (read once: collection, build and
+    summary all ask)."""
     import csv
     path = os.path.join(STUDY_DIR, "results.csv")
     if not os.path.isfile(path):
-        return []
+        return ()
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    return sorted({r["method"] for r in rows if int(r["seed"]) == SEED and abs(float(r["density"]) - DENSITY) < 1e-9})
+    return tuple(sorted({r["method"] for r in rows if int(r["seed"]) == SEED and abs(float(r["density"]) - DENSITY) < 1e-9}))
 
 
 def _providers():

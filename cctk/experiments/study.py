@@ -87,7 +87,7 @@ RESULT_FIELDS = ["seed", "method", "density", "accuracy", "accuracy_before_finet
                  "dense_images_per_s", "linear_density", "classifier_density", "connection_keep_fraction",
                  "dense_accuracy", "classifier_threshold", "finetune_seconds", "model_digest", "timed_on"]
 # columns every results.csv has (``timed_on`` came later: older files resume without it)
-_REQUIRED_FIELDS = RESULT_FIELDS[:-1]
+_REQUIRED_FIELDS = [f for f in RESULT_FIELDS if f != "timed_on"]
 
 
 @dataclasses.dataclass
@@ -686,15 +686,15 @@ def _cell_worker(cfg: StudyConfig, threads: int) -> None:
 
 
 def _rebuild_cell(st: "_Study", p: Dict[str, Any], row: dict):
-    """A finished cell's pruned structure again, ready to time (block-masked layers as
-    ANDCLinear): same seed, same RNG state, so the same masks and widths (checked against the
-    row's linear density); the weights are not fine-tuned (speed does not depend on them)."""
+    """A finished cell's pruned structure again, for timing: same seed, same RNG state, so the
+    same masks and widths (checked against the row's linear density); the weights are not
+    fine-tuned (speed does not depend on them)."""
     seed, method, density = _cell_key(row["seed"], row["method"], row["density"])
     pruned, lin_d, _, _ = _prune_cell(st, p, seed, method, density)
     if abs(lin_d - float(row["linear_density"])) > 1e-9:
         raise RuntimeError(f"re-pruning cell {(seed, method, density)} gave linear density {lin_d}, "
                            f"the cell had {row['linear_density']}")
-    return convert_to_andc(pruned)
+    return pruned
 
 
 def _retime(cfg: StudyConfig, st: "_Study", prep: Dict[int, Dict[str, Any]]) -> None:
@@ -721,7 +721,7 @@ def study_cell_models(out: str, seed: int, methods: Sequence[str], density: floa
     """The models of one seed of a finished study directory, for timing them against other
     runtimes (``bench/bench_study_peers.py``): ``{"dense": the trained model, "example": a test
     batch of the study's bench batch size, "pruned": {method: the cell's pruned structure}}``
-    (:func:`_rebuild_cell`; eval mode, on the CPU). Reads ``out``, writes nothing; a method whose
+    (:func:`_rebuild_cell`, block-masked layers as ANDCLinear; eval mode, on the CPU). Reads ``out``, writes nothing; a method whose
     cell is not in ``results.csv`` raises ``ConfigError``."""
     config_path = os.path.join(out, "study_config.json")
     if not os.path.isfile(config_path):
@@ -744,7 +744,7 @@ def study_cell_models(out: str, seed: int, methods: Sequence[str], density: floa
         if not os.path.isfile(need):   # never train or measure here: this function only reads
             raise ConfigError(f"{need} is missing: {out} is not a finished study for seed {seed}")
     p = _prepare_seed(cfg, st, int(seed))
-    pruned = {m: _rebuild_cell(st, p, rows[_cell_key(seed, m, density)]).eval() for m in methods}
+    pruned = {m: convert_to_andc(_rebuild_cell(st, p, rows[_cell_key(seed, m, density)])).eval() for m in methods}
     return {"dense": p["model"].eval(), "example": p["example"], "pruned": pruned}
 
 
