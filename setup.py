@@ -28,9 +28,7 @@ def _flag(name):
 
 
 def _packages():
-    pkgs = [p for p in find_packages(include=["cctk", "cctk.*"])]
-    pkgs.append("cctk.kernels")
-    return pkgs
+    return find_packages(include=["cctk", "cctk.*"])
 
 
 def _write_build_info(with_ext, with_cuda, torch_version):
@@ -133,7 +131,6 @@ if not ext_modules:
 
 setup(
     packages=_packages(),
-    package_dir={"cctk.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cctk.ops.attention import attention, attention_ref
+from cctk.ops.fused_attention import attention, attention_ref
 from cctk.timing import interleaved_times
 
 ROUNDS = 15

@@ -283,7 +283,7 @@ def section_ceilings(run: Run, share: float):
 
 def _bsr_module():
     # cctk.ops re-exports the function bsr_linear under the module's name: import the module itself
-    return importlib.import_module("cctk.ops.bsr_linear")
+    return importlib.import_module("cctk.ops.block_sparse")
 
 
 def _providers(run: Run):

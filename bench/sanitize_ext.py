@@ -18,7 +18,7 @@ import cctk  # noqa: F401  (loads the extension)
 
 
 def main() -> int:
-    bl = importlib.import_module("cctk.ops.bsr_linear")
+    bl = importlib.import_module("cctk.ops.block_sparse")
     from cctk.ops import label_sum
     dev = torch.device("cuda")
     cases = [(256, 512, 4261), (40, 72, 33), (132, 100, 300)]   # (in, out, rows)

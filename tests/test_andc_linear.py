@@ -13,7 +13,7 @@ from torch import nn
 import cctk
 from cctk import _ext
 from cctk.nn import ANDCLinear
-from cctk.ops.bsr_linear import (bsr_linear, bsr_linear_backward_weight_ref, bsr_to_dense, bsr_transpose_index,
+from cctk.ops.block_sparse import (bsr_linear, bsr_linear_backward_weight_ref, bsr_to_dense, bsr_transpose_index,
                                  dense_to_bsr)
 
 HAS_EXT = _ext.supports("cpu")

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from capability import results_per_capability
 from cctk import _ext
-from cctk.ops.attention import attention, attention_ref
+from cctk.ops.fused_attention import attention, attention_ref
 
 HAS_EXT = _ext.supports("cpu")
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
@@ -155,7 +155,7 @@ def test_no_extension_falls_back_to_sdpa():
 _CAP_SCRIPT = r"""
 import json, sys, torch
 import cctk
-from cctk.ops.attention import attention
+from cctk.ops.fused_attention import attention
 out = {"cap": torch.ops.cctk.cpu_capability()}
 for dt in (torch.float32, torch.bfloat16):
     g = torch.Generator().manual_seed(1)

@@ -22,7 +22,7 @@ ROWS = [1, 5, 33, 300, 5000]  # 5000: enough token tiles for the 128-token tenso
 def _bsr():
     # cctk.ops re-exports the function bsr_linear under the module's name: import the module itself
     import importlib
-    return importlib.import_module("cctk.ops.bsr_linear")
+    return importlib.import_module("cctk.ops.block_sparse")
 
 
 def _ext_cuda_or_skip():

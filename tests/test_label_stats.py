@@ -341,7 +341,7 @@ def test_label_counts_match_bincount_and_the_check_never_reads_labels_off_a_devi
     """Counts by index_add_ equal bincount's. Off the CPU the range check is enqueued on the
     device (torch._assert_async), never read back: on the meta device, which has no data to read,
     the old host-side min/max raised; the check and the counts must still go through."""
-    from cctk.ops.label_sum import check_labels, label_counts
+    from cctk.ops.labels import check_labels, label_counts
     labels = torch.tensor([2, 0, 2, 4, 2])
     counts = label_counts(labels, 6)
     assert counts.dtype == torch.int64 and torch.equal(counts, torch.bincount(labels, minlength=6))

@@ -12,7 +12,7 @@ from cctk import _ext
 from cctk.models import create_model
 from cctk.nn import ANDCLinear
 from cctk.nn.fused import linear_gelu, linear_residual
-from cctk.ops.bsr_linear import bsr_linear_epilogue, dense_to_bsr
+from cctk.ops.block_sparse import bsr_linear_epilogue, dense_to_bsr
 from cctk.prune import PrunePlan, apply_masks, convert_to_andc, encoder_linear_names
 from cctk.prune.masks import block_grid
 from cctk.prune.structured import node_fraction_keep, remove_nodes
@@ -264,7 +264,7 @@ def test_remove_nodes_bad_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d", [256, 97, 1, 1030])
 def test_layer_norm_matches_reference(d, dtype):
-    from cctk.ops.layer_norm import layer_norm, layer_norm_ref
+    from cctk.ops.normalization import layer_norm, layer_norm_ref
     x = (torch.randn(3, 37, d) * 4 + 2).to(dtype)
     w, b = (torch.randn(d) + 1).to(dtype), torch.randn(d).to(dtype)
     want = layer_norm_ref(x.double(), w.double(), b.double(), 1e-5)
@@ -278,7 +278,7 @@ def test_layer_norm_matches_reference(d, dtype):
 
 
 def test_layer_norm_grad_opcheck_and_bad_input():
-    from cctk.ops.layer_norm import layer_norm
+    from cctk.ops.normalization import layer_norm
     x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(16, dtype=torch.float64, requires_grad=True)
     b = torch.randn(16, dtype=torch.float64, requires_grad=True)
@@ -379,7 +379,7 @@ def test_optimized_tokenizer_runs_the_fused_stage(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B", [16, 32, 64])
 def test_prepacked_weights_equal_on_the_fly_packing(B, dtype):
-    from cctk.ops.bsr_linear import bsr_pack_ref
+    from cctk.ops.block_sparse import bsr_pack_ref
     m = _sparse(130, 70, B, dtype)
     packed = torch.ops.cctk.bsr_pack(m.values.detach())
     assert torch.equal(packed, bsr_pack_ref(m.values.detach()))

@@ -477,7 +477,7 @@ def mixup_cutmix(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
     """
     if images.dim() != 4:
         raise ValueError(f"images must be a batch (B, C, H, W), got shape {tuple(images.shape)}")
-    from cctk.ops.label_sum import check_labels
+    from cctk.ops.labels import check_labels
     check_labels(labels, num_classes, batch=images.shape[0], device=images.device)
     if mixup_alpha < 0 or cutmix_alpha < 0:
         raise ValueError("mixup_alpha and cutmix_alpha must be >= 0")

@@ -11,7 +11,7 @@ from cctk.models.cct import (
     Tokenizer,
     TransformerClassifier,
     TransformerEncoderLayer,
-    attention_ref,
+    attention_with_dropout,
     drop_path,
     sinusoidal_embedding,
 )
@@ -19,6 +19,6 @@ from cctk.models.registry import REFERENCE_MODELS, create_model, list_models, mo
 
 __all__ = [
     "CCT", "Attention", "DropPath", "NodeTap", "Tokenizer", "TransformerClassifier",
-    "TransformerEncoderLayer", "attention_ref", "drop_path", "sinusoidal_embedding",
+    "TransformerEncoderLayer", "attention_with_dropout", "drop_path", "sinusoidal_embedding",
     "REFERENCE_MODELS", "create_model", "list_models", "model_config",
 ]

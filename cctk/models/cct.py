@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cctk.nn.fused import linear_gelu, linear_residual
-from cctk.ops.attention import attention as cctk_attention
+from cctk.ops.fused_attention import attention as cctk_attention
 from cctk.ops.conv_pool import conv_relu_maxpool
 
 POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
@@ -35,10 +35,11 @@ POSITIONAL_EMBEDDINGS = ("learnable", "sine", "none")
 # ----------------------------------------------------------------------------------------------
 # plain computations (shared by the no-tap path and the NodeTap defaults)
 # ----------------------------------------------------------------------------------------------
-def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                  scale: Optional[float] = None) -> torch.Tensor:
+def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                           scale: Optional[float] = None) -> torch.Tensor:
     """o = Dropout_p(softmax(q k^T * scale)) v, explicitly (q, k, v: (B, H, T, d_h); scale
-    defaults to d_h**-0.5).
+    defaults to d_h**-0.5): the training form with the reference's dropout (the twin of the fused
+    inference kernel is ``cctk.ops.attention_ref``).
 
     This is the reference's order of operations, dropout on the attention probabilities; the
     random numbers drawn match the reference's ``nn.Dropout`` on the same generator state.
@@ -97,7 +98,7 @@ class NodeTap:
 
     def attention(self, block: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   dropout_p: float) -> torch.Tensor:
-        return attention_ref(q, k, v, dropout_p)
+        return attention_with_dropout(q, k, v, dropout_p)
 
     def ff_hidden(self, block: int, x: torch.Tensor, linear1: nn.Module) -> torch.Tensor:
         return F.gelu(linear1(x))
@@ -235,7 +236,7 @@ class Attention(nn.Module):
         p = self.attn_drop.p if self.training else 0.0
         if tap is None:
             if p > 0.0:
-                o = attention_ref(q, k, v, p, scale=self.scale)  # reference dropout on the probabilities
+                o = attention_with_dropout(q, k, v, p, scale=self.scale)  # reference dropout on the probabilities
             elif (torch.is_grad_enabled() and x.requires_grad) or not self.fused_attention:
                 o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # training: torch's fused backward
             else:

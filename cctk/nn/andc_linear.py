@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cctk import _ext
-from cctk.ops.bsr_linear import (BACKENDS, _check_mask, bsr_linear, bsr_linear_epilogue,
+from cctk.ops.block_sparse import (BACKENDS, _check_mask, bsr_linear, bsr_linear_epilogue,
                                  bsr_to_dense, bsr_transpose_index, check_block_size, dense_to_bsr)
 
 _INDEX_BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices", "block_perm")

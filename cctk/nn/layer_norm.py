@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cctk import _ext
-from cctk.ops.layer_norm import layer_norm
+from cctk.ops.normalization import layer_norm
 
 
 class LayerNorm(nn.LayerNorm):

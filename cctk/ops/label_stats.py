@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cctk._library import define
-from cctk.ops.label_sum import check_labels, label_counts
+from cctk.ops.labels import check_labels, label_counts
 
 MODES = ("pooled", "token")
 ACTIVATIONS = ("gelu", "none")
