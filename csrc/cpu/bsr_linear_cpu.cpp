@@ -39,6 +39,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "cpu/amx_tiles.h"
 #include "cpu/cpu_features.h"
 #include "cpu/vec_math.h"
 
@@ -345,13 +346,18 @@ CCTK_AVX2 inline void mk_f32_avx2(const BsrGemm& g, const float* x, const float*
 }
 #endif  // CCTK_X86
 
-// Drive a micro-kernel over all tokens. Work units are (group of MR-token tiles) x (range of
+// Drive a micro-kernel over all tokens (a Guard is constructed at the start of each parallel chunk
+// and destroyed at its end: the AMX kernels configure and release the tiles there). Work units are (group of MR-token tiles) x (range of
 // output block-rows): inside a unit the loop runs over block-rows, then tiles, so one block-row's
 // packed weights stay in L1 while the group's tokens stream through them. Units are sized so
 // that every thread gets several (few tokens: split the block-rows too). A ragged last tile is
 // computed on a zero-padded copy of its rows.
-template <typename T, int MR, typename Micro>
-void drive_tiles(const BsrGemm& g, const T* in, T* out, Micro micro) {
+struct NoGuard {
+  explicit NoGuard(const void*) {}
+};
+
+template <typename T, int MR, typename Micro, typename Guard = NoGuard>
+void drive_tiles(const BsrGemm& g, const T* in, T* out, Micro micro, const void* guard_arg = nullptr) {
   const T* res = static_cast<const T*>(g.residual);
   const int64_t n_tiles = cdiv(g.M, MR);
   const int64_t want_units = 8 * std::max<int64_t>(1, at::get_num_threads());
@@ -363,6 +369,7 @@ void drive_tiles(const BsrGemm& g, const T* in, T* out, Micro micro) {
   const int64_t rem = g.M - (n_tiles - 1) * MR;  // rows in the last tile, 1..MR
   const int64_t B = g.B;
   at::parallel_for(0, n_groups * n_obc, 1, [&](int64_t u0, int64_t u1) {
+    Guard guard(guard_arg);  // per-chunk state (the AMX tile configuration)
     std::vector<T> pin, pout, pres;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t gi = u / n_obc, oc = u % n_obc;
@@ -433,6 +440,144 @@ void gemm_f32_avx2(const BsrGemm& g, const float* in, const float* P, const floa
   });
 }
 #endif
+
+// ------------------------------------------------------------------------------------------
+// AMX bf16 GEMM, one body over a tile backend (csrc/cpu/amx_tiles.h: the hardware, or the scalar
+// emulator that tests run on any CPU). A call computes 32 tokens (two 16-row A tiles) x one output
+// block-row, in passes of up to 32 outputs (two 16-column C tiles per A tile: C tiles 0-3, A 4-5,
+// B 6-7). Per kept block and k chunk (kc = min(B, 32) inputs: one A tile row is kc bf16) it loads
+// both A tiles straight from the input rows (stride = the row) and each B tile from the packed
+// pairs P2[e][kp][o] (cctk::bsr_pack's layout is already the AMX B-tile layout: row kp holds the
+// pairs (W(2kp, o), W(2kp+1, o)) of 16 outputs in 64 bytes; stride B * 4 bytes), then tdpbf16ps.
+// A k chunk that runs past the last input column (in_features % B) is read from zero-padded
+// copies of its A rows and B pair rows, so nothing outside the tensors is read and padding can
+// hold anything. The fp32 tile sums go through a 32 x 32 buffer to the epilogue: + bias, GELU,
+// + residual, rounded to bf16 (AVX-512 on the hardware; a scalar loop with the same order over the
+// emulator). Ragged token tiles are handled by drive_tiles (zero-padded copy).
+tiles::TileConfig bf16_tile_config(int64_t B) {
+  const int kc = static_cast<int>(std::min<int64_t>(B, 32));
+  tiles::TileConfig c;
+  for (int t = 0; t < 4; ++t) c.set(t, 16, 64);  // C: 16 tokens x 16 fp32
+  c.set(4, 16, 2 * kc);                          // A: 16 tokens x kc bf16
+  c.set(5, 16, 2 * kc);
+  c.set(6, kc / 2, 64);                          // B: kc/2 pairs x 16 outputs
+  c.set(7, kc / 2, 64);
+  return c;
+}
+
+template <typename Tiles>
+struct TileGuard {
+  explicit TileGuard(const void* cfg) { Tiles::configure(*static_cast<const tiles::TileConfig*>(cfg)); }
+  ~TileGuard() { Tiles::release(); }
+};
+
+// Epilogue of `rows` x `n` fp32 sums (row stride 32) into bf16 outputs at out (row stride ldo).
+inline void tile_epilogue_scalar(const BsrGemm& g, const float* acc, int rows, int64_t n, const uint16_t* bias,
+                                 const uint16_t* res, uint16_t* out, int64_t ldo) {
+  for (int r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      float v = acc[r * 32 + j] + (bias ? tiles::bf16_bits_to_float(bias[j]) : 0.f);
+      if (g.gelu) v = 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+      if (res) v += tiles::bf16_bits_to_float(res[r * ldo + j]);
+      out[r * ldo + j] = tiles::float_to_bf16_bits(v);
+    }
+}
+
+#ifdef CCTK_X86
+CCTK_AVX512BF16 inline void tile_epilogue_avx512(const BsrGemm& g, const float* acc, int rows, int64_t n,
+                                                 const uint16_t* bias, const uint16_t* res, uint16_t* out,
+                                                 int64_t ldo) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const __mmask16 m = vec::tail_mask(n - j0);
+    const __m512 b = bias ? vec::bf16_to_ps(_mm256_maskz_loadu_epi16(m, bias + j0)) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; ++r) {
+      __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc + r * 32 + j0), b);
+      if (g.gelu) v = vec::gelu_erf_ps<false>(v);
+      if (res) v = _mm512_add_ps(v, vec::bf16_to_ps(_mm256_maskz_loadu_epi16(m, res + r * ldo + j0)));
+      _mm256_mask_storeu_epi16(out + r * ldo + j0, m, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+#endif
+
+template <typename Tiles>
+inline void mk_bf16_tiles(const BsrGemm& g, const uint16_t* x, const uint32_t* P2, const uint16_t* bias, int64_t ob,
+                          uint16_t* out, const uint16_t* res) {
+  alignas(64) static thread_local float acc[32 * 32];
+  alignas(64) static thread_local uint16_t apad[32 * 32];
+  alignas(64) static thread_local uint32_t bpad[16 * 32];
+  const int64_t B = g.B, kc = std::min<int64_t>(B, 32), ldx = g.in_cols, ldo = g.out_cols;
+  const int64_t ow = std::min(B, g.out_cols - ob * B);
+  for (int64_t n0 = 0; n0 < ow; n0 += 32) {
+    const bool two = n0 + 16 < ow;  // a second column tile in this pass
+    Tiles::template zero<0>();
+    Tiles::template zero<2>();
+    if (two) {
+      Tiles::template zero<1>();
+      Tiles::template zero<3>();
+    }
+    for (int32_t e = g.ptr[ob]; e < g.ptr[ob + 1]; ++e) {
+      const int64_t c = g.idx[e];
+      const int64_t kv = std::min(B, g.in_cols - c * B);
+      const uint32_t* pe = P2 + static_cast<int64_t>(e) * (B / 2) * B;
+      for (int64_t k0 = 0; k0 < kv; k0 += kc) {
+        const uint16_t* a = x + c * B + k0;
+        int64_t lda = ldx;
+        const uint32_t* b = pe + (k0 / 2) * B + n0;
+        int64_t ldb = B;
+        if (k0 + kc > kv) {  // past the last input column: zero-padded copies
+          const int64_t kk = kv - k0;
+          std::memset(apad, 0, sizeof(apad));
+          for (int r = 0; r < 32; ++r) std::memcpy(apad + r * kc, a + r * ldx, kk * sizeof(uint16_t));
+          std::memset(bpad, 0, sizeof(bpad));
+          for (int64_t kp = 0; kp < (kk + 1) / 2; ++kp) {
+            const int64_t w = std::min<int64_t>(32, B - n0);
+            std::memcpy(bpad + kp * 32, b + kp * B, w * sizeof(uint32_t));
+            if (2 * kp + 1 == kk)  // odd: the upper half of the last pair is outside
+              for (int64_t o = 0; o < w; ++o) bpad[kp * 32 + o] &= 0xFFFFu;
+          }
+          a = apad, lda = kc, b = bpad, ldb = 32;
+        }
+        Tiles::template load<4>(a, lda * 2);
+        Tiles::template load<5>(a + 16 * lda, lda * 2);
+        Tiles::template load<6>(b, ldb * 4);
+        Tiles::template dpbf16<0, 4, 6>();
+        Tiles::template dpbf16<2, 5, 6>();
+        if (two) {
+          Tiles::template load<7>(b + 16, ldb * 4);
+          Tiles::template dpbf16<1, 4, 7>();
+          Tiles::template dpbf16<3, 5, 7>();
+        }
+      }
+    }
+    Tiles::template store<0>(acc, 128);
+    Tiles::template store<2>(acc + 16 * 32, 128);
+    if (two) {
+      Tiles::template store<1>(acc + 16, 128);
+      Tiles::template store<3>(acc + 16 * 32 + 16, 128);
+    }
+    const int64_t n = std::min<int64_t>(32, ow - n0);
+    const uint16_t* bb = bias ? bias + ob * B + n0 : nullptr;
+    const uint16_t* rr = res ? res + ob * B + n0 : nullptr;
+    uint16_t* oo = out + ob * B + n0;
+#ifdef CCTK_X86
+    if constexpr (Tiles::kHardware) {
+      tile_epilogue_avx512(g, acc, 32, n, bb, rr, oo, ldo);
+      continue;
+    }
+#endif
+    tile_epilogue_scalar(g, acc, 32, n, bb, rr, oo, ldo);
+  }
+}
+
+template <typename Tiles>
+void gemm_bf16_tiles(const BsrGemm& g, const uint16_t* in, const uint32_t* P2, const uint16_t* bias, uint16_t* out) {
+  const tiles::TileConfig cfg = bf16_tile_config(g.B);
+  auto micro = [&](const uint16_t* x, int64_t ob, uint16_t* o, const uint16_t* r) {
+    mk_bf16_tiles<Tiles>(g, x, P2, bias, ob, o, r);
+  };
+  drive_tiles<uint16_t, 32, decltype(micro), TileGuard<Tiles>>(g, in, out, micro, &cfg);
+}
 
 // fp32 GEMM through the best path the CPU allows.
 void gemm_f32(const BsrGemm& g, const float* in, const float* P, const float* bias, float* out, Capability cap) {
@@ -575,7 +720,7 @@ at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const 
   const auto st = in.scalar_type();
 
 #ifdef CCTK_X86
-  if (st == at::kBFloat16 && cap >= Capability::AVX512_BF16 && (B == 16 || B == 32 || B == 64)) {
+  if (st == at::kBFloat16 && (cap >= Capability::AVX512_BF16 || cpu::use_tiles()) && (B == 16 || B == 32 || B == 64)) {
     // weights packed once by cctk::bsr_pack (inference), else packed here for this call
     const bool prepacked = forward && packed.defined() && packed.scalar_type() == at::kInt &&
                            packed.numel() == nnz * (B / 2) * B && packed.is_contiguous();
@@ -589,9 +734,19 @@ at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const 
     const uint16_t* xin = reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>());
     const uint16_t* bp = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr<at::BFloat16>()) : nullptr;
     uint16_t* op_ = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-    if (B == 16) gemm_bf16_avx512_nv<1>(g, xin, P2, bp, op_);
-    else if (B == 32) gemm_bf16_avx512_nv<2>(g, xin, P2, bp, op_);
-    else gemm_bf16_avx512_nv<4>(g, xin, P2, bp, op_);
+    if (cap >= Capability::AMX) {
+#if defined(__linux__)
+      gemm_bf16_tiles<tiles::AmxTiles>(g, xin, P2, bp, op_);
+#endif
+    } else if (cpu::use_tiles()) {
+      gemm_bf16_tiles<tiles::EmulatedTiles>(g, xin, P2, bp, op_);
+    } else if (B == 16) {
+      gemm_bf16_avx512_nv<1>(g, xin, P2, bp, op_);
+    } else if (B == 32) {
+      gemm_bf16_avx512_nv<2>(g, xin, P2, bp, op_);
+    } else {
+      gemm_bf16_avx512_nv<4>(g, xin, P2, bp, op_);
+    }
     return out;
   }
 #endif
@@ -867,7 +1022,7 @@ at::Tensor bsr_linear_backward_weight_cpu(const at::Tensor& grad_out_, const at:
   auto go = grad_out_.contiguous(), x = x_.contiguous();
   const Capability cap = cpu::detect();
 #ifdef CCTK_X86
-  if (st == at::kBFloat16 && cap >= Capability::AVX512_BF16 && (B == 16 || B == 32 || B == 64)) {
+  if (st == at::kBFloat16 && (cap >= Capability::AVX512_BF16 || cpu::use_tiles()) && (B == 16 || B == 32 || B == 64)) {
     auto dV = at::zeros({nnz, B, B}, x.options().dtype(at::kFloat));
     if (nnz > 0 && M > 0) {
       const at::BFloat16* g = go.data_ptr<at::BFloat16>();
