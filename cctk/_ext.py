@@ -72,10 +72,20 @@ def supports(device: torch.device | str) -> bool:
 
 
 def cpu_capabilities() -> str:
-    """The vector instruction set the CPU kernels chose at run time ('avx512', 'avx2', 'scalar')."""
+    """The instruction set the CPU kernels chose at run time: 'amx', 'avx512_bf16', 'avx512', 'avx2' or
+    'scalar' ('+amx_emulated' when CCTK_CPU_CAPABILITY=amx_emulated runs the tile kernels over the
+    emulator)."""
     if not available():
         return "none"
     return torch.ops.cctk.cpu_capability()
+
+
+def vector_attention() -> bool:
+    """True when ``cctk::attention`` has a vector path on this CPU (AVX-512 or above)."""
+    cap = _STATE.get("attention_vector")
+    if cap is None:
+        cap = _STATE["attention_vector"] = cpu_capabilities().split("+")[0] in ("avx512", "avx512_bf16", "amx")
+    return cap
 
 
 def info() -> dict:

@@ -105,7 +105,9 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     ext_ok = q.device.type == "cpu" and _ext.available() and q.shape[-1] <= MAX_EXT_HEAD_DIM
     if backend == "auto":
-        return "ext" if ext_ok else "sdpa"
+        # the kernel's vector paths need AVX-512; below it (an AVX2-only CPU) it is scalar and
+        # several times slower than torch's SDPA, so "auto" takes SDPA there
+        return "ext" if ext_ok and _ext.vector_attention() else "sdpa"
     if backend == "ext" and not ext_ok:
         if q.device.type != "cpu":
             raise RuntimeError(f"cctk's attention kernel runs on the CPU only (got {q.device}); "
