@@ -2,16 +2,20 @@
 
 * Without a CUDA device, Triton kernels run under the interpreter (``TRITON_INTERPRET=1``) on
   CPU tensors: set here, before any Triton kernel module is imported.
+* ``cctk.tune``'s cache of measured choices lives in a temporary directory of the session.
 * ``devices`` lists the devices present at run time; CUDA-only tests carry ``@pytest.mark.cuda``
   and skip cleanly without a GPU.
 """
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# cctk.optimize's measured choices (cctk.tune) go to a cache of this test session, not ~/.cache
+os.environ.setdefault("CCTK_CACHE_DIR", tempfile.mkdtemp(prefix="cctk-test-cache-"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

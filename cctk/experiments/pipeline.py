@@ -216,8 +216,8 @@ def time_inference(run: Run, bench_batch: int = 32) -> None:
     masked_dense = to_masked_dense(copy.deepcopy(andc_model))
     with torch.no_grad():
         max_diff = float((andc_model(x) - masked_dense(x)).abs().max())
-    models = {"dense": model.to(dev), "dense_optimized": optimize(model, dtype=torch.float32),
-              "pruned_eager": andc_model, "pruned": optimize(andc_model, dtype=torch.float32),
+    models = {"dense": model.to(dev), "dense_optimized": optimize(model, dtype=torch.float32, sample_input=x),
+              "pruned_eager": andc_model, "pruned": optimize(andc_model, dtype=torch.float32, sample_input=x),
               "masked": masked_dense}
     thr = models_images_per_s(models, x, rounds=15)
     best_dense = max(thr["dense"]["images_per_s"], thr["dense_optimized"]["images_per_s"])
