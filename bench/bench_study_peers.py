@@ -81,7 +81,7 @@ def _build(model, runtime, x):
     if runtime == "torch eager":
         return torch_runner(model, DTYPE), None
     if runtime == "cctk.optimize":
-        return cctk_runner(model, DTYPE), None
+        return cctk_runner(model, DTYPE, x), None
     if runtime == "OpenVINO":
         return openvino_runner(model, DTYPE, x)
     if runtime == "ONNX Runtime":

@@ -43,26 +43,17 @@ def bench_full(request) -> bool:
 
 
 def _cpu_description() -> dict:
-    from cctk.timing import cpu_model
-    info = {"model": cpu_model(), "logical_cpus": os.cpu_count(), "flags": []}
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "flags" and not info["flags"]:
-                flags = value.split()
-                info["flags"] = sorted(fl for fl in flags if fl.startswith(("avx512", "amx", "avx2", "fma")))
-    except OSError:
-        pass
+    from cctk.timing import cpu_flags, cpu_model
+    flags = cpu_flags()
+    info = {"model": cpu_model(), "logical_cpus": os.cpu_count(),
+            "flags": sorted(fl for fl in flags if fl.startswith(("avx512", "amx", "avx2", "fma")))}
     try:
         info["usable_cpus"] = len(os.sched_getaffinity(0))
     except AttributeError:
         pass
-    info["avx512"] = any(f.startswith("avx512f") for f in info["flags"])
-    info["avx512_bf16"] = "avx512_bf16" in info["flags"]
-    info["amx"] = any(f.startswith("amx") for f in info["flags"])
+    info["avx512"] = "avx512f" in flags
+    info["avx512_bf16"] = "avx512_bf16" in flags
+    info["amx"] = any(f.startswith("amx") for f in flags)
     return info
 
 

@@ -50,6 +50,20 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], rounds: int = 15, wa
     return times
 
 
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags as the kernel names them (``/proc/cpuinfo``: avx2, avx512f,
+    avx512_bf16, amx_tile, amx_bf16, ...); empty where there is no such file."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
     import platform

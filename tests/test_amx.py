@@ -14,23 +14,13 @@ import pytest
 import torch
 
 from cctk import _ext
+from cctk.timing import cpu_flags
 
 HAS_EXT = _ext.available()
 pytestmark = pytest.mark.skipif(not HAS_EXT, reason="compiled extension not built")
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-CPU_HAS_AMX = {"amx_tile", "amx_bf16"} <= _cpu_flags()
+CPU_HAS_AMX = {"amx_tile", "amx_bf16"} <= cpu_flags()
 
 # Every case: the block-sparse forward with each epilogue, and the input gradient (the same tile
 # kernel over the transposed index), against the fp32 reference of the bf16-rounded operands.

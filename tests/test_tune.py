@@ -10,6 +10,7 @@ import torch
 import cctk
 from cctk import _ext, tune
 from cctk.models import create_model
+from cctk.timing import cpu_flags
 
 
 @pytest.fixture
@@ -94,14 +95,6 @@ def test_read_only_cache_file_keeps_choices_in_memory(cache_dir, monkeypatch):
     assert tune.cached("demo", "sig-6") == "b"
 
 
-def _cpu_flags():
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tuned_model_is_the_same_function(cache_dir, dtype):
     torch.manual_seed(0)
@@ -121,7 +114,7 @@ def test_tuned_model_is_the_same_function(cache_dir, dtype):
 
 
 @pytest.mark.skipif(not _ext.available(), reason="compiled extension not built")
-@pytest.mark.skipif(bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()), reason="the CPU has bf16 units")
+@pytest.mark.skipif(bool({"avx512_bf16", "amx_bf16"} & cpu_flags()), reason="the CPU has bf16 units")
 def test_bf16_on_a_cpu_without_bf16_units_computes_in_fp32(cache_dir):
     """torch's bf16 GEMMs on an AVX2-only CPU run ~500x slower than fp32: the tuned model must not use them."""
     torch.manual_seed(0)
