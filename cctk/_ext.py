@@ -80,8 +80,10 @@ def cpu_capabilities() -> str:
     return torch.ops.cctk.cpu_capability()
 
 
-def vector_attention() -> bool:
-    """True when ``cctk::attention`` has a vector path on this CPU (AVX-512 or above)."""
+def avx512_kernels() -> bool:
+    """True when the CPU kernels run their AVX-512 paths (AVX-512 or above). Below it (an AVX2-only
+    CPU) ``cctk::attention``, ``cctk::layer_norm`` and the fused tokenizer stage are scalar loops,
+    slower than torch's own kernels, so the models use torch's there."""
     cap = _STATE.get("attention_vector")
     if cap is None:
         cap = _STATE["attention_vector"] = cpu_capabilities().split("+")[0] in ("avx512", "avx512_bf16", "amx")

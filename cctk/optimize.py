@@ -31,8 +31,8 @@ rounding):
   part that has equivalent implementations is timed on a sample batch (``sample_input``, default
   32 random images of the model's size) and the fastest kept, once per machine (``cctk.tune``
   caches the choice): per encoder layer, cctk's fused attention or torch's SDPA, and its linears
-  through cctk's block-sparse kernel (fused epilogues) or as dense GEMMs (oneDNN), whichever the
-  layer holds; the tokenizer fused or not; and for ``dtype`` bfloat16/float16 the whole model in
+  through cctk's block-sparse kernel (fused epilogues), as dense GEMMs, or as oneDNN GEMMs with the
+  GELU and residual adds as post-ops (``OneDNNLinear``), whichever the layer can hold; the tokenizer fused or not; and for ``dtype`` bfloat16/float16 the whole model in
   that dtype or in fp32 arithmetic on the dtype-rounded weights (outputs cast to ``dtype`` by a
   forward hook; ``_cctk_optimized["tuned"]["compute_dtype"]`` says which): on a
   CPU without bf16 units (AVX2 only) torch's bf16 GEMMs run ~500x slower than fp32. The choices
@@ -54,6 +54,8 @@ from cctk import tune as tune_mod
 
 from cctk.models.cct import CCT, Tokenizer, TransformerEncoderLayer
 from cctk.nn.andc_linear import ANDCLinear
+from cctk.nn.fused import OneDNNLinear
+from cctk.nn.fused import onednn_fusion_available as fuse_ok
 from cctk.nn.layer_norm import LayerNorm
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -179,6 +181,19 @@ def _swap_linears(layer: TransformerEncoderLayer) -> bool:
     return False
 
 
+def _onednn_linears(layer: TransformerEncoderLayer, dtype: torch.dtype) -> bool:
+    """In place: every nn.Linear of ``layer`` as a OneDNNLinear (GELU and residual adds as oneDNN
+    post-ops of the GEMMs). False when the layer has none or oneDNN cannot run ``dtype`` here."""
+    if not fuse_ok(dtype):
+        return False
+    lins = [(getattr(layer, a) if a else layer, b) for a, b in _linear_names(layer)]
+    if not all(type(getattr(o, n)) is nn.Linear for o, n in lins):
+        return False
+    for owner, name in lins:
+        setattr(owner, name, OneDNNLinear.from_linear(getattr(owner, name)))
+    return True
+
+
 def _time_candidates(kind: str, signature: str, modules: dict, arg: torch.Tensor) -> str:
     calls = {name: (lambda mod=mod: mod(arg)) for name, mod in modules.items()}
     return tune_mod.choose(kind, signature, calls)
@@ -202,14 +217,16 @@ def _tune_cct(m: CCT, sample: torch.Tensor) -> dict:
     for i, blk in enumerate(blocks):
         src = inputs[i]
         variants = {"as-built": blk}
-        if blk.self_attn.fused_attention and _ext.vector_attention():
+        if blk.self_attn.fused_attention and _ext.avx512_kernels():
             v = copy.deepcopy(blk)
             v.self_attn.fused_attention = False
             variants["sdpa"] = v
-        for name in list(variants):
-            v = copy.deepcopy(variants[name])
-            if _swap_linears(v):
-                variants[("" if name == "as-built" else name + "+") + "swapped-linears"] = v
+        for change, suffix in ((_swap_linears, "swapped-linears"),
+                               (lambda layer: _onednn_linears(layer, dtype), "onednn-epilogues")):
+            for name in list(variants):
+                v = copy.deepcopy(variants[name])
+                if change(v):
+                    variants[("" if name == "as-built" else name + "+") + suffix] = v
         sig = (f"encoder-layer d={blk.self_attn.qkv.in_features} heads={blk.self_attn.num_heads} "
                f"linears={','.join(_describe_linear(getattr(getattr(blk, a) if a else blk, b)) for a, b in _linear_names(blk))} "
                f"attention={'fused' if blk.self_attn.fused_attention else 'sdpa'} "

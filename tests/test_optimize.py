@@ -11,7 +11,7 @@ from capability import results_per_capability
 from cctk import _ext
 from cctk.models import create_model
 from cctk.nn import ANDCLinear
-from cctk.nn.fused import linear_gelu, linear_residual
+from cctk.nn.fused import OneDNNLinear, linear_gelu, linear_residual, onednn_fusion_available
 from cctk.ops.block_sparse import bsr_linear_epilogue, dense_to_bsr
 from cctk.prune import PrunePlan, apply_masks, convert_to_andc, encoder_linear_names
 from cctk.prune.masks import block_grid
@@ -138,6 +138,31 @@ def test_linear_epilogue_helpers_on_dense_linears():
     x, r = torch.randn(4, 20), torch.randn(4, 30)
     torch.testing.assert_close(linear_gelu(lin, x), F.gelu(lin(x)))
     torch.testing.assert_close(linear_residual(lin, x, r), r + lin(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_linear_epilogues_equal_the_plain_ops(dtype):
+    """OneDNNLinear: GELU / residual add as oneDNN post-ops (where oneDNN runs the dtype here; else
+    the plain ops), the same function as nn.Linear's, sharing its parameters and state dict."""
+    torch.manual_seed(0)
+    lin = nn.Linear(70, 33).to(dtype)
+    fused = OneDNNLinear.from_linear(lin)
+    assert fused.weight is lin.weight and fused.state_dict().keys() == lin.state_dict().keys()
+    x, r = torch.randn(3, 5, 70).to(dtype), torch.randn(3, 5, 33).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_gelu(fused, x).float(), F.gelu(lin(x).float()), **tol)
+        torch.testing.assert_close(linear_residual(fused, x, r).float(), (r + lin(x)).float(), **tol)
+        torch.testing.assert_close(fused(x), lin(x))
+    if onednn_fusion_available(dtype):  # one post-op per GEMM: asking for both is an error, not a silent drop
+        with pytest.raises(ValueError, match="either"), torch.no_grad():
+            fused.forward_epilogue(x, activation="gelu", residual=r)
+    # autograd: nn.Linear's own path, gradients flow
+    lin32 = nn.Linear(8, 4)
+    f32 = OneDNNLinear.from_linear(lin32)
+    xg = torch.randn(2, 8, requires_grad=True)
+    linear_gelu(f32, xg).sum().backward()
+    assert xg.grad is not None and lin32.weight.grad is not None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """``cctk.nn.LayerNorm``: ``nn.LayerNorm`` (last dimension) whose inference forward runs
-``cctk.ops.layer_norm`` (the C++ kernel); with autograd recording it is torch's own."""
+``cctk.ops.layer_norm`` (the C++ kernel, where the CPU has its AVX-512 path; torch's kernel below
+it, where cctk's would be a scalar loop); with autograd recording it is torch's own."""
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,7 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or (self.weight is not None and self.weight.requires_grad)):
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        if (x.device.type == "cpu" and _ext.available() and x.dim() >= 1 and x.shape[-1] == self.normalized_shape[0]
-                and (self.weight is None or self.weight.dtype == x.dtype)):
+        if (x.device.type == "cpu" and _ext.avx512_kernels() and x.dim() >= 1
+                and x.shape[-1] == self.normalized_shape[0] and (self.weight is None or self.weight.dtype == x.dtype)):
             return torch.ops.cctk.layer_norm(x, self.weight, self.bias, self.eps)  # checked here; the kernel checks too
         return layer_norm(x, self.weight, self.bias, self.eps)

@@ -107,7 +107,7 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend == "auto":
         # the kernel's vector paths need AVX-512; below it (an AVX2-only CPU) it is scalar and
         # several times slower than torch's SDPA, so "auto" takes SDPA there
-        return "ext" if ext_ok and _ext.vector_attention() else "sdpa"
+        return "ext" if ext_ok and _ext.avx512_kernels() else "sdpa"
     if backend == "ext" and not ext_ok:
         if q.device.type != "cpu":
             raise RuntimeError(f"cctk's attention kernel runs on the CPU only (got {q.device}); "
