@@ -242,6 +242,22 @@ def test_optimize_compile_has_no_graph_breaks():
         torch.testing.assert_close(compiled(x), small(x), atol=1e-4, rtol=1e-4)
 
 
+def test_onednn_layers_compile_without_graph_breaks():
+    """A tuned model whose layers hold OneDNNLinear (the tuner's pick on some CPUs) still compiles
+    with fullgraph=True: under torch.compile the layer runs the plain ops."""
+    from cctk.optimize import _onednn_linears
+    torch.manual_seed(0)
+    m = create_model("cct_2_3x1_8", num_classes=10, in_channels=1).eval()
+    fast = cctk.optimize(m, dtype=torch.float32, tune=False)
+    swapped = [_onednn_linears(blk, torch.float32) for blk in fast.classifier.blocks]
+    assert all(swapped) == onednn_fusion_available(torch.float32)
+    x = torch.randn(3, 1, 8, 8)
+    compiled = torch.compile(fast, dynamic=False, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(compiled(x), m(x), atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 def test_remove_nodes_equals_the_node_masked_model():
     torch.manual_seed(0)

@@ -51,8 +51,10 @@ class OneDNNLinear(nn.Linear):
         return new
 
     def _fusable(self, x: torch.Tensor) -> bool:
+        # under torch.compile the plain ops: the mkldnn op has no fake kernel, and Inductor makes its
+        # own oneDNN fusions of them
         return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == self.weight.dtype
-                and x.dim() >= 2 and onednn_fusion_available(x.dtype))
+                and x.dim() >= 2 and not torch.compiler.is_compiling() and onednn_fusion_available(x.dtype))
 
     def forward_epilogue(self, x: torch.Tensor, activation: str = "none",
                          residual: torch.Tensor | None = None) -> torch.Tensor:

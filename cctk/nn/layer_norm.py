@@ -29,7 +29,9 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or (self.weight is not None and self.weight.requires_grad)):
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        if (x.device.type == "cpu" and _ext.avx512_kernels() and x.dim() >= 1
-                and x.shape[-1] == self.normalized_shape[0] and (self.weight is None or self.weight.dtype == x.dtype)):
+        if x.device.type == "cpu" and not _ext.avx512_kernels():
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if (x.device.type == "cpu" and x.dim() >= 1 and x.shape[-1] == self.normalized_shape[0]
+                and (self.weight is None or self.weight.dtype == x.dtype)):
             return torch.ops.cctk.layer_norm(x, self.weight, self.bias, self.eps)  # checked here; the kernel checks too
         return layer_norm(x, self.weight, self.bias, self.eps)
