@@ -131,3 +131,59 @@ def test_info_names_the_level():
     info = _ext.info()
     assert info["cpu_capability"] == _ext.cpu_capabilities()
     assert info["cpu_capability"].split("+")[0] in ("amx", "avx512_bf16", "avx512", "avx2", "scalar")
+
+
+_ATTN_SCRIPT = r"""
+import json, sys
+import torch, cctk
+from cctk.ops.fused_attention import attention_ref
+torch.manual_seed(0)
+out = {"cap": torch.ops.cctk.cpu_capability(), "cases": []}
+for B, H, Tq, Tk, D in json.loads(sys.argv[1]):
+    # q, k, v as the model makes them: strided views of one (B, T, 3, H, D) tensor
+    qkv = torch.randn(B, max(Tq, Tk), 3, H, D).bfloat16()
+    q = qkv[:, :Tq, 0].transpose(1, 2)
+    k, v = qkv[:, :Tk, 1].transpose(1, 2), qkv[:, :Tk, 2].transpose(1, 2)
+    o = torch.ops.cctk.attention(q, k, v, None)
+    ref = attention_ref(q.float(), k.float(), v.float())
+    err = ((o.float() - ref).abs() / (ref.abs() + 1)).max().item()
+    out["cases"].append({"case": [B, H, Tq, Tk, D], "err": err, "finite": bool(torch.isfinite(o).all()),
+                         "shape": list(o.shape)})
+print(json.dumps(out))
+"""
+
+ATTN_CASES = [  # B, H, Tq, Tk, d_h: T = 1, 7, 197, 257; d_h 16..128 (odd ones padded to 32)
+    [1, 1, 1, 1, 16], [2, 2, 7, 7, 24], [1, 2, 197, 197, 64], [1, 1, 257, 257, 128], [2, 1, 33, 300, 40],
+    [1, 3, 16, 16, 32], [1, 1, 5, 513, 96],
+]
+
+
+def _run_attention(cap: str) -> dict:
+    env = dict(os.environ, CCTK_CPU_CAPABILITY=cap)
+    if cap == "best":
+        env.pop("CCTK_CPU_CAPABILITY")
+    proc = subprocess.run([sys.executable, "-c", _ATTN_SCRIPT, json.dumps(ATTN_CASES)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def _check_attention(result: dict) -> None:
+    assert len(result["cases"]) == len(ATTN_CASES)
+    for c in result["cases"]:
+        B, H, Tq, Tk, D = c["case"]
+        assert c["finite"] and c["shape"] == [B, H, Tq, D], c
+        assert c["err"] < 2e-2, c  # P rounded to bf16 for P V, output rounded to bf16
+
+
+def test_tile_attention_over_the_emulator_matches_the_reference():
+    result = _run_attention("amx_emulated")
+    assert result["cap"].endswith("+amx_emulated") or result["cap"] == "amx", result["cap"]
+    _check_attention(result)
+
+
+@pytest.mark.skipif(not CPU_HAS_AMX, reason="the CPU has no AMX: the emulator test above covers the kernel body")
+def test_tile_attention_on_the_hardware_matches_the_reference():
+    result = _run_attention("best")
+    assert result["cap"] == "amx", result["cap"]
+    _check_attention(result)

@@ -22,6 +22,9 @@
 
 #define CCTK_AMX \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+// GCC's tileloadd / tilestored / tilezero / tdpbf16ps intrinsics are inline assembly: they need no
+// target attribute, so these helpers inline into the (untargeted) kernel templates.
+#define CCTK_TILE_OP inline __attribute__((always_inline))
 
 namespace cctk {
 namespace tiles {
@@ -136,7 +139,7 @@ struct AmxTiles {
   CCTK_AMX static void configure(const TileConfig& c) { _tile_loadconfig(&c); }
   CCTK_AMX static void release() { _tile_release(); }
   template <int T>
-  CCTK_AMX static void zero() {
+  CCTK_TILE_OP static void zero() {
     if constexpr (T == 0) _tile_zero(0);
     else if constexpr (T == 1) _tile_zero(1);
     else if constexpr (T == 2) _tile_zero(2);
@@ -147,7 +150,7 @@ struct AmxTiles {
     else _tile_zero(7);
   }
   template <int T>
-  CCTK_AMX static void load(const void* p, int64_t s) {
+  CCTK_TILE_OP static void load(const void* p, int64_t s) {
     if constexpr (T == 0) _tile_loadd(0, p, s);
     else if constexpr (T == 1) _tile_loadd(1, p, s);
     else if constexpr (T == 2) _tile_loadd(2, p, s);
@@ -158,7 +161,7 @@ struct AmxTiles {
     else _tile_loadd(7, p, s);
   }
   template <int T>
-  CCTK_AMX static void store(void* p, int64_t s) {
+  CCTK_TILE_OP static void store(void* p, int64_t s) {
     if constexpr (T == 0) _tile_stored(0, p, s);
     else if constexpr (T == 1) _tile_stored(1, p, s);
     else if constexpr (T == 2) _tile_stored(2, p, s);
@@ -176,7 +179,7 @@ struct AmxTiles {
   if constexpr (A == 4) { CCTK_TDP_B(c, 4) }             \
   else { CCTK_TDP_B(c, 5) }
   template <int C, int A, int B>
-  CCTK_AMX static void dpbf16() {
+  CCTK_TILE_OP static void dpbf16() {
     static_assert(C >= 0 && C <= 3 && (A == 4 || A == 5) && (B == 6 || B == 7), "tile roles: C 0-3, A 4-5, B 6-7");
     if constexpr (C == 0) { CCTK_TDP_A(0) }
     else if constexpr (C == 1) { CCTK_TDP_A(1) }

@@ -21,7 +21,8 @@
 // qkv.reshape().permute() views are); the output is (B, H, T, D) with the memory layout of a
 // contiguous (B, T, H, D) tensor, so the model's o.transpose(1, 2).reshape(B, T, H*D) is free.
 //
-// Code paths (cpu_features.h; env CCTK_CPU_CAPABILITY caps them): AVX-512 fp32, AVX512-BF16
+// Code paths (cpu_features.h; env CCTK_CPU_CAPABILITY caps them): AMX tiles for bf16 (QK^T and
+// P V as tdpbf16ps; also over the tile emulator for tests), AVX-512 fp32, AVX512-BF16
 // (vdpbf16ps) for bf16, bf16 through the fp32 AVX-512 kernel where AVX512-BF16 is missing, and a
 // portable scalar path for every dtype (float64 and float16 always; AVX2-only CPUs).
 #include <ATen/OpMathType.h>
@@ -35,6 +36,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/amx_tiles.h"
 #include "cpu/cpu_features.h"
 #include "cpu/vec_math.h"
 
@@ -504,6 +506,204 @@ CCTK_AVX512BF16 void attention_bf16_avx512(const Attn& a, const uint16_t* q, con
 #endif  // CCTK_X86
 
 // ------------------------------------------------------------------------------------------
+// AMX bf16 attention, one body over a tile backend (csrc/cpu/amx_tiles.h: the hardware, or the
+// scalar emulator tests run on any CPU). A unit packs its head's K and V once, zero-padded:
+//   Kp[p][j] = (k[j, 2p], k[j, 2p+1])   p < DA/2 (DA = D rounded up to 32), j < TP32 (keys rounded
+//                                        up to 32): each 16 x 16 block is a B tile of S = Q K^T
+//   Vp[r][d] = (v[2r, d], v[2r+1, d])   r < TP32/2, d < DA: each 16 x 16 block is a B tile of P V
+// and walks its query tiles of 16 rows (one A tile per 32 head dims, from a zero-padded copy).
+// Per key block of up to KB keys: S tiles (16 queries x 16 keys, C tiles 0-3, four at a time) ->
+// fp32 scratch; the online softmax (base 2, as the AVX-512 kernel) rescales O and writes P as bf16
+// (zero beyond the last key); O (16 x DA fp32, scratch) is loaded into C tiles four at a time
+// (64 head dims), accumulates P V over 32-key A tiles of P, and is stored back. o = O / l.
+struct TileAttnScratch {
+  std::vector<uint32_t> Kp, Vp, qb;
+  std::vector<float> S, O;
+  std::vector<uint16_t> Pb;
+  float m[16], l[16], alpha[16];
+};
+
+tiles::TileConfig attn_tile_config() {
+  tiles::TileConfig c;
+  for (int t = 0; t < 8; ++t) c.set(t, 16, 64);  // C: 16 x 16 fp32; A: 16 x 32 bf16; B: 16 pairs x 16
+  return c;
+}
+
+// One query tile's softmax over keys [0, nk) of S (16 x ldS fp32), c = scale * log2(e).
+template <bool HW>
+inline void tile_softmax(TileAttnScratch& sc, int64_t ldS, int64_t nk, int64_t nk32, float c, int64_t DA);
+
+template <>
+inline void tile_softmax<false>(TileAttnScratch& sc, int64_t ldS, int64_t nk, int64_t nk32, float c, int64_t DA) {
+  for (int i = 0; i < 16; ++i) {
+    float* s = sc.S.data() + i * ldS;
+    float mx = sc.m[i];
+    for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, s[j] * c);
+    const float alpha = std::exp2(sc.m[i] - mx);  // m = -inf at the first block: alpha = 0
+    float sum = 0.f;
+    uint16_t* p = sc.Pb.data() + i * ldS;
+    for (int64_t j = 0; j < nk32; ++j) {
+      const float e = j < nk ? std::exp2(s[j] * c - mx) : 0.f;
+      sum += e;
+      p[j] = tiles::float_to_bf16_bits(e);
+    }
+    sc.l[i] = sc.l[i] * alpha + sum;
+    sc.m[i] = mx;
+    float* Oi = sc.O.data() + i * DA;
+    for (int64_t d = 0; d < DA; ++d) Oi[d] *= alpha;
+  }
+}
+
+#ifdef CCTK_X86
+template <>
+CCTK_AVX512BF16 inline void tile_softmax<true>(TileAttnScratch& sc, int64_t ldS, int64_t nk, int64_t nk32, float c,
+                                               int64_t DA) {
+  const __m512 vc = _mm512_set1_ps(c);
+  for (int i = 0; i < 16; ++i) {
+    float* s = sc.S.data() + i * ldS;
+    __m512 vmax = _mm512_set1_ps(sc.m[i]);
+    for (int64_t j = 0; j < nk; j += 16)
+      vmax = _mm512_max_ps(vmax, _mm512_mask_mul_ps(vmax, tail_mask(nk - j), _mm512_loadu_ps(s + j), vc));
+    const float mx = _mm512_reduce_max_ps(vmax);
+    const float alpha = std::exp2(sc.m[i] - mx);
+    const __m512 vm = _mm512_set1_ps(mx);
+    __m512 vsum = _mm512_setzero_ps();
+    uint16_t* p = sc.Pb.data() + i * ldS;
+    for (int64_t j = 0; j < nk32; j += 16) {
+      const __mmask16 km = tail_mask(nk - j);
+      const __m512 e = _mm512_maskz_mov_ps(km, exp2_ps<5, false>(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vc, vm)));
+      vsum = _mm512_add_ps(vsum, e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    sc.l[i] = sc.l[i] * alpha + _mm512_reduce_add_ps(vsum);
+    sc.m[i] = mx;
+    float* Oi = sc.O.data() + i * DA;
+    const __m512 va = _mm512_set1_ps(alpha);
+    for (int64_t d = 0; d < DA; d += 16) _mm512_storeu_ps(Oi + d, _mm512_mul_ps(_mm512_loadu_ps(Oi + d), va));
+  }
+}
+#endif
+
+template <typename Tiles>
+void attention_bf16_tiles(const Attn& a, const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* o,
+                          int64_t tiles_per_unit) {
+  constexpr int64_t QR = 16;  // query rows per tile
+  const int64_t n_tiles = cdiv(a.Tq, QR);
+  const int64_t upq = cdiv(n_tiles, tiles_per_unit);
+  const float c = static_cast<float>(a.scale * 1.4426950408889634);
+  const int64_t DA = round_up(a.D, 32), TP32 = round_up(a.Tk, 32), KB2 = round_up(std::min(KB, TP32), 32);
+  const tiles::TileConfig cfg = attn_tile_config();
+  at::parallel_for(0, a.B * a.H * upq, 1, [&](int64_t u0, int64_t u1) {
+    tiles::TileScope<Tiles> scope(cfg);
+    TileAttnScratch sc;
+    sc.Kp.assign((DA / 2) * TP32, 0u);
+    sc.Vp.assign((TP32 / 2) * DA, 0u);
+    sc.qb.assign(QR * DA / 2, 0u);
+    sc.S.assign(QR * KB2, 0.f);
+    sc.Pb.assign(QR * KB2, 0);
+    sc.O.assign(QR * DA, 0.f);
+    int64_t packed = -1;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t bh = u / upq, tu = u % upq, b = bh / a.H, h = bh % a.H;
+      if (packed != bh) {  // pad entries stay zero: only [0, Tk) x [0, D) is ever written
+        const uint16_t* kh = k + b * a.ks[0] + h * a.ks[1];
+        const uint16_t* vh = v + b * a.vs[0] + h * a.vs[1];
+        for (int64_t j = 0; j < a.Tk; ++j) {
+          const uint16_t* kj = kh + j * a.ks[2];
+          for (int64_t d = 0; d < a.D; ++d) {
+            uint32_t& w = sc.Kp[(d / 2) * TP32 + j];
+            w = (d & 1) ? ((w & 0xFFFFu) | (static_cast<uint32_t>(kj[d]) << 16)) : ((w & 0xFFFF0000u) | kj[d]);
+          }
+          const uint16_t* vj = vh + j * a.vs[2];
+          uint32_t* vr = sc.Vp.data() + (j / 2) * DA;
+          for (int64_t d = 0; d < a.D; ++d)
+            vr[d] = (j & 1) ? ((vr[d] & 0xFFFFu) | (static_cast<uint32_t>(vj[d]) << 16)) : ((vr[d] & 0xFFFF0000u) | vj[d]);
+        }
+        packed = bh;
+      }
+      const uint16_t* qh = q + b * a.qs[0] + h * a.qs[1];
+      const int64_t t0 = tu * tiles_per_unit, t1 = std::min(n_tiles, t0 + tiles_per_unit);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i0 = t * QR, rows = std::min<int64_t>(QR, a.Tq - i0);
+        std::fill(sc.qb.begin(), sc.qb.end(), 0u);
+        for (int64_t i = 0; i < rows; ++i)
+          std::memcpy(sc.qb.data() + i * (DA / 2), qh + (i0 + i) * a.qs[2], a.D * sizeof(uint16_t));
+        for (int i = 0; i < 16; ++i) sc.m[i] = -std::numeric_limits<float>::infinity(), sc.l[i] = 0.f;
+        std::fill(sc.O.begin(), sc.O.end(), 0.f);
+        for (int64_t j0 = 0; j0 < a.Tk; j0 += KB) {
+          const int64_t nk = std::min(KB, a.Tk - j0), nk32 = round_up(nk, 32);
+          // S = Q K^T for keys [j0, j0 + nk32), four 16-key C tiles at a time
+          for (int64_t jc = 0; jc < nk32; jc += 64) {
+            const int nt = static_cast<int>(std::min<int64_t>(4, (nk32 - jc) / 16));
+            Tiles::template zero<0>();
+            Tiles::template zero<1>();
+            if (nt > 2) Tiles::template zero<2>();
+            if (nt > 3) Tiles::template zero<3>();
+            for (int64_t d0 = 0; d0 < DA; d0 += 32) {
+              Tiles::template load<4>(sc.qb.data() + d0 / 2, DA * 2);
+              const uint32_t* kb = sc.Kp.data() + (d0 / 2) * TP32 + j0 + jc;
+              Tiles::template load<6>(kb, TP32 * 4);
+              Tiles::template dpbf16<0, 4, 6>();
+              Tiles::template load<7>(kb + 16, TP32 * 4);
+              Tiles::template dpbf16<1, 4, 7>();
+              if (nt > 2) {
+                Tiles::template load<6>(kb + 32, TP32 * 4);
+                Tiles::template dpbf16<2, 4, 6>();
+              }
+              if (nt > 3) {
+                Tiles::template load<7>(kb + 48, TP32 * 4);
+                Tiles::template dpbf16<3, 4, 7>();
+              }
+            }
+            float* sb = sc.S.data() + jc;
+            Tiles::template store<0>(sb, KB2 * 4);
+            Tiles::template store<1>(sb + 16, KB2 * 4);
+            if (nt > 2) Tiles::template store<2>(sb + 32, KB2 * 4);
+            if (nt > 3) Tiles::template store<3>(sb + 48, KB2 * 4);
+          }
+          tile_softmax<Tiles::kHardware>(sc, KB2, nk, nk32, c, DA);
+          // O += P V, 64 head dims (four C tiles) at a time, 32 keys per A tile of P
+          for (int64_t dc = 0; dc < DA; dc += 64) {
+            const int nt = static_cast<int>(std::min<int64_t>(4, (DA - dc) / 16));
+            float* ob = sc.O.data() + dc;
+            Tiles::template load<0>(ob, DA * 4);
+            Tiles::template load<1>(ob + 16, DA * 4);
+            if (nt > 2) Tiles::template load<2>(ob + 32, DA * 4);
+            if (nt > 3) Tiles::template load<3>(ob + 48, DA * 4);
+            for (int64_t kk = 0; kk < nk32; kk += 32) {
+              Tiles::template load<5>(sc.Pb.data() + kk, KB2 * 2);
+              const uint32_t* vb = sc.Vp.data() + ((j0 + kk) / 2) * DA + dc;
+              Tiles::template load<6>(vb, DA * 4);
+              Tiles::template dpbf16<0, 5, 6>();
+              Tiles::template load<7>(vb + 16, DA * 4);
+              Tiles::template dpbf16<1, 5, 7>();
+              if (nt > 2) {
+                Tiles::template load<6>(vb + 32, DA * 4);
+                Tiles::template dpbf16<2, 5, 6>();
+              }
+              if (nt > 3) {
+                Tiles::template load<7>(vb + 48, DA * 4);
+                Tiles::template dpbf16<3, 5, 7>();
+              }
+            }
+            Tiles::template store<0>(ob, DA * 4);
+            Tiles::template store<1>(ob + 16, DA * 4);
+            if (nt > 2) Tiles::template store<2>(ob + 32, DA * 4);
+            if (nt > 3) Tiles::template store<3>(ob + 48, DA * 4);
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          uint16_t* oi = o + ((b * a.Tq + i0 + i) * a.H + h) * a.D;
+          const float inv = 1.f / sc.l[i];
+          const float* Oi = sc.O.data() + i * DA;
+          for (int64_t d = 0; d < a.D; ++d) oi[d] = tiles::float_to_bf16_bits(Oi[d] * inv);
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
 at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(3) == 1 || t.size(3) == 1 ? t : t.contiguous(); }
 
 at::Tensor attention_cpu(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
@@ -543,6 +743,20 @@ at::Tensor attention_cpu(const at::Tensor& q_, const at::Tensor& k_, const at::T
   const bool per_head = (B * H) % threads == 0 || B * H >= 4 * threads;
   const int64_t groups = per_head ? 1 : std::max<int64_t>(1, std::min<int64_t>(n_tiles, cdiv(4 * threads, B * H)));
   const int64_t tiles_per_unit = cdiv(n_tiles, groups);
+  if (D <= 256 && st == at::kBFloat16 && cpu::use_tiles()) {
+    const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+    const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+    const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+    auto* op_ = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    const int64_t tiles16 = cdiv(Tq, 16);
+    const int64_t tpu = cdiv(tiles16, per_head ? 1 : std::max<int64_t>(1, std::min<int64_t>(tiles16, cdiv(4 * threads, B * H))));
+#if defined(__linux__)
+    if (cap >= Capability::AMX) attention_bf16_tiles<tiles::AmxTiles>(a, qp, kp, vp, op_, tpu);
+    else
+#endif
+      attention_bf16_tiles<tiles::EmulatedTiles>(a, qp, kp, vp, op_, tpu);
+    return out.permute({0, 2, 1, 3});
+  }
   if (D <= 256 && st == at::kBFloat16 && cap >= Capability::AVX512_BF16) {
     attention_bf16_avx512(a, reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()),
                           reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>()),
