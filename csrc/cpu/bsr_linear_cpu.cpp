@@ -301,10 +301,11 @@ CCTK_AVX512BF16 inline void mk_bf16_avx512(const BsrGemm& g, const uint16_t* x, 
     }
 }
 
-// AVX2 fp32 micro-kernel: MR tokens x 16 outputs (two ymm) at output offset o0 of block-row ob.
+// AVX2 fp32 micro-kernel: MR tokens x 16 outputs (two ymm) at output offset o0 of block-row ob,
+// with the fused epilogue (GELU, then + residual) on the output tile in registers.
 template <int MR>
 CCTK_AVX2 inline void mk_f32_avx2(const BsrGemm& g, const float* x, const float* P, const float* bias,
-                                  int64_t ob, int64_t o0, float* out) {
+                                  int64_t ob, int64_t o0, float* out, const float* res) {
   const int64_t B = g.B;
   const int64_t ldx = g.in_cols, ldo = g.out_cols;
   const int64_t ow = std::min<int64_t>(16, g.out_cols - ob * B - o0);  // valid outputs of this chunk
@@ -331,16 +332,27 @@ CCTK_AVX2 inline void mk_f32_avx2(const BsrGemm& g, const float* x, const float*
       }
     }
   }
+  if (g.gelu) {
+    for (int i = 0; i < MR; ++i) {
+      acc[i][0] = vec::gelu_erf_ps_avx2(acc[i][0]);
+      acc[i][1] = vec::gelu_erf_ps_avx2(acc[i][1]);
+    }
+  }
   for (int i = 0; i < MR; ++i) {
     float* o = out + i * ldo + ob * B + o0;
+    const float* r = res ? res + i * ldo + ob * B + o0 : nullptr;
     if (ow == 16) {
+      if (r) {
+        acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(r));
+        acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(r + 8));
+      }
       _mm256_storeu_ps(o, acc[i][0]);
       _mm256_storeu_ps(o + 8, acc[i][1]);
     } else {
       alignas(32) float t[16];
       _mm256_store_ps(t, acc[i][0]);
       _mm256_store_ps(t + 8, acc[i][1]);
-      for (int64_t j = 0; j < ow; ++j) o[j] = t[j];
+      for (int64_t j = 0; j < ow; ++j) o[j] = r ? t[j] + r[j] : t[j];
     }
   }
 }
@@ -435,8 +447,8 @@ void gemm_bf16_avx512_nv(const BsrGemm& g, const uint16_t* in, const uint32_t* P
 
 void gemm_f32_avx2(const BsrGemm& g, const float* in, const float* P, const float* bias, float* out) {
   constexpr int MR = 6;
-  drive_tiles<float, MR>(g, in, out, [&](const float* x, int64_t ob, float* o, const float*) {
-    for (int64_t o0 = 0; o0 < g.B; o0 += 16) mk_f32_avx2<MR>(g, x, P, bias, ob, o0, o);
+  drive_tiles<float, MR>(g, in, out, [&](const float* x, int64_t ob, float* o, const float* r) {
+    for (int64_t o0 = 0; o0 < g.B; o0 += 16) mk_f32_avx2<MR>(g, x, P, bias, ob, o0, o, r);
   });
 }
 #endif
@@ -763,7 +775,8 @@ at::Tensor bsr_gemm_cpu(const at::Tensor& in_, const at::Tensor& values_, const 
       else pack_blocks<at::BFloat16, float>(values.data_ptr<at::BFloat16>(), pperm, nnz, B, forward, P.data());
     }
     const float* Pp = prepacked ? packed.data_ptr<float>() : P.data();
-    const bool fused = st == at::kFloat && cap >= Capability::AVX512 && (B == 16 || B == 32 || B == 64);
+    const bool fused = st == at::kFloat && ((cap >= Capability::AVX512 && (B == 16 || B == 32 || B == 64)) ||
+                                            (cap == Capability::AVX2 && B % 16 == 0));
     if (fused) fuse_epilogue();
     gemm_f32(g, in32.data_ptr<float>(), Pp, bias32.defined() ? bias32.data_ptr<float>() : nullptr,
              out32.data_ptr<float>(), cap);

@@ -75,6 +75,42 @@ CCTK_AVX512 inline __m512 gelu_erf_ps(__m512 x) {
   return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(erf_signed, _mm512_set1_ps(1.f)));
 }
 
+// AVX2 twins (8 lanes) of exp2_ps<7> and gelu_erf_ps<true>, for the AVX2 micro-kernels' fused
+// epilogue. 2^n is built in the exponent bits (AVX2 has no scalef): x is clamped to [-126, 126].
+CCTK_AVX2 inline __m256 exp2_ps_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.f)), _mm256_set1_ps(126.f));
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 y = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(0.69314718055994531f));
+  __m256 p = _mm256_set1_ps(1.f / 5040.f);
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.f / 720.f));
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+CCTK_AVX2 inline __m256 gelu_erf_ps_avx2(__m256 x) {
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(int32_t(0x80000000u)));
+  const __m256 z = _mm256_mul_ps(_mm256_andnot_ps(sign, x), _mm256_set1_ps(0.70710678118654752f));
+  const __m256 den = _mm256_fmadd_ps(z, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.f));
+  __m256 t = _mm256_rcp_ps(den);
+  t = _mm256_mul_ps(t, _mm256_fnmadd_ps(den, t, _mm256_set1_ps(2.f)));  // Newton: 12 -> 23 bits
+  __m256 poly = _mm256_set1_ps(1.061405429f);
+  poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-1.453152027f));
+  poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
+  poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
+  poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
+  poly = _mm256_mul_ps(poly, t);
+  const __m256 e = exp2_ps_avx2(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.72134752044448170f)));
+  const __m256 erf_abs = _mm256_fnmadd_ps(poly, e, _mm256_set1_ps(1.f));
+  const __m256 erf_signed = _mm256_or_ps(erf_abs, _mm256_and_ps(x, sign));
+  return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.5f)), _mm256_add_ps(erf_signed, _mm256_set1_ps(1.f)));
+}
+
 // 16 fp32 lanes -> 16 bf16 (uint16), round to nearest even (finite values), as
 // _mm512_cvtneps_pbh does, for CPUs without AVX512-BF16
 CCTK_AVX512 inline __m256i ps_to_bf16(__m512 v) {
