@@ -315,3 +315,31 @@ def test_structured_is_smaller_dense_and_equals_node_masked_model(importance):
             dropped = torch.ones(dff, dtype=torch.bool)
             dropped[keep["ff_keep"][b]] = False
             assert counts[dropped].max() <= kept_min
+
+
+def _masks_digest(plan) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(plan.block_masks):
+        h.update(k.encode())
+        h.update(plan.block_masks[k].numpy().tobytes())
+    h.update(plan.classifier_mask.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("method,rule_as_option,digest", [
+    ("andc", True, "3bd15c02ded1a32d"), ("andc-old", False, "3bd15c02ded1a32d"),
+    ("andc-shuffled", True, "cdeb3c101313321e"), ("andc-magnitude", True, "117488950b6fdbf8"),
+])
+def test_old_rule_reproduces_the_first_studys_decisions(method, rule_as_option, digest):
+    """The committed Fashion-MNIST study's seed-0 model and SNP sets, density 0.25, 16-blocks:
+    the old rule (as options, or as the andc-old method) gives bit for bit the masks, classifier
+    mask and node order the code before issue 18 gave (digests recorded from that code)."""
+    import os
+    from cctk.checkpoint import load_checkpoint
+    root = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "study_fmnist", "seed0")
+    model, _ = load_checkpoint(os.path.join(root, "train", "checkpoint.pt"), map_location="cpu")
+    spec = PruneSpec(method, density=0.25, block_size=16, rule=OLD_RULE if rule_as_option else AndcRule())
+    _, plan = prune_model(model, spec, os.path.join(root, "snp"))
+    assert plan.permutations.order == "lexicographic" and plan.tokens_assumed
+    assert _masks_digest(plan) == digest

@@ -37,10 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-sets", default="measured", choices=("measured", "assume-all"),
                    help="label sets of the stream entering block 0: measured by the study's SNP (default) or "
                         "assume-all (every token channel recognises every label: cctk's first rule)")
-    p.add_argument("--models-from", default=None, metavar="DIR",
-                   help="reuse the trained models of another study directory (its seed{s}/train, trained with the "
-                        "same dataset, model, epochs, training pool and validation size); seeds it lacks are "
-                        "trained here; SNP and every cell are run here")
+    p.add_argument("--models-from", default=None, metavar="DIR[,DIR...]",
+                   help="reuse the trained models of other study directories (the first one's seed{s}/train that "
+                        "exists, trained with the same dataset, model, epochs, training pool and validation size); "
+                        "seeds none has are trained here; SNP and every cell are run here")
     p.add_argument("--finetune-subset", type=int, default=None,
                    help="fine-tune every pruned model on the first N training images (same for all methods)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune learning rate")
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
                       val_size=args.val_size, threshold=args.threshold, readout_epochs=args.readout_epochs,
                       readout_optimizer=args.readout_optimizer, classifier_tolerance=args.classifier_tolerance,
                       checkpoints=_list(args.checkpoints, str, "checkpoints") if args.checkpoints else None,
-                      models_from=args.models_from, block_score=args.block_score, v_sets=args.v_sets,
+                      models_from=_list(args.models_from, str, "models-from") if args.models_from else None, block_score=args.block_score, v_sets=args.v_sets,
                       token_sets=args.token_sets, snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, time_only=args.time_only, data_dir=args.data_dir,
                       device=args.device, progress=not args.no_progress,
                       **({"classifier_scan": ()} if args.dense_classifier else {}))

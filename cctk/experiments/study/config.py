@@ -61,7 +61,7 @@ class StudyConfig:
     workers: int = 1                        # processes running cells (images/s timed after, quietly)
     time_only: bool = False                 # run no cell: time finished cells lacking images/s, summarise
     checkpoints: Optional[Sequence[str]] = None
-    models_from: Optional[str] = None       # another study directory whose seed{s}/train models to reuse
+    models_from: Optional[Sequence[str]] = None   # study directories whose seed{s}/train models to reuse
     snp_variants: bool = False              # also SNP with both readouts x SNP_VARIANT_THRESHOLDS
     # the ANDC rule of the label-set methods (SCIENCE.md 5; the andc-old* methods fix their own)
     block_score: str = "kept-fraction"
@@ -128,31 +128,32 @@ class StudyConfig:
             data.get_dataset(self.dataset, "train", data_dir=self.data_dir)
 
     def _check_models_from(self) -> None:
-        """The other study trained its models as this one would: same dataset, model, epochs,
+        """Every other study trained its models as this one would: same dataset, model, epochs,
         training pool and validation split (so the validation images were never trained on)."""
-        path = os.path.join(self.models_from, "study_config.json")
-        if os.path.abspath(self.models_from) == os.path.abspath(self.out):
-            raise ConfigError("--models-from must name another study directory than --out")
-        if not os.path.isfile(path):
-            raise ConfigError(f"--models-from {self.models_from} holds no study (no study_config.json)")
-        other = load_config(self.models_from)
         mine = self.as_dict()
-        changed = [k for k in TRAINING_KEYS if getattr(other, k) != mine[k]]
-        if changed:
-            raise ConfigError(f"--models-from {self.models_from} trained its models with other settings "
-                              f"({', '.join(changed)}); give the same options")
+        for other_dir in self.models_from:
+            if os.path.abspath(other_dir) == os.path.abspath(self.out):
+                raise ConfigError("--models-from must name other study directories than --out")
+            if not os.path.isfile(os.path.join(other_dir, "study_config.json")):
+                raise ConfigError(f"--models-from {other_dir} holds no study (no study_config.json)")
+            other = load_config(other_dir)
+            changed = [k for k in TRAINING_KEYS if getattr(other, k) != mine[k]]
+            if changed:
+                raise ConfigError(f"--models-from {other_dir} trained its models with other settings "
+                                  f"({', '.join(changed)}); give the same options")
 
     def reused_checkpoint(self, seed: int) -> Optional[str]:
-        """The trained model of ``seed`` in the ``models_from`` study, when it has a finished one."""
-        if self.models_from is None:
-            return None
-        train_dir = os.path.join(self.models_from, f"seed{int(seed)}", "train")
-        path = os.path.join(train_dir, CHECKPOINT_NAME)
-        return path if os.path.isfile(path) and os.path.isfile(os.path.join(train_dir, "metrics.json")) else None
+        """The trained model of ``seed`` in the first ``models_from`` study that has a finished one."""
+        for other_dir in self.models_from or ():
+            train_dir = os.path.join(other_dir, f"seed{int(seed)}", "train")
+            path = os.path.join(train_dir, CHECKPOINT_NAME)
+            if os.path.isfile(path) and os.path.isfile(os.path.join(train_dir, "metrics.json")):
+                return path
+        return None
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("seeds", "densities", "methods", "classifier_scan", "checkpoints"):
+        for k in ("seeds", "densities", "methods", "classifier_scan", "checkpoints", "models_from"):
             if d[k] is not None:
                 d[k] = list(d[k])
         return d

@@ -87,9 +87,9 @@ class _Study:
         if cfg.checkpoints:
             model, ckpt = load_checkpoint(ckpt_path, map_location="cpu")
             return model, ckpt, "checkpoint"
-        if cfg.reused_checkpoint(seed) is not None:   # trained by the --models-from study, same recipe
+        if cfg.reused_checkpoint(seed) is not None:   # trained by a --models-from study, same recipe
             model, ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-            return model, ckpt, f"models_from {os.path.abspath(cfg.models_from)}"
+            return model, ckpt, f"models_from {os.path.abspath(os.path.dirname(os.path.dirname(os.path.dirname(ckpt_path))))}"
         train_dir = os.path.dirname(ckpt_path)
         if not os.path.isfile(os.path.join(train_dir, "metrics.json")):
             probe = {"name": data.canonical_name(cfg.dataset), "data_dir": cfg.data_dir}
