@@ -67,6 +67,8 @@ class PruneSpec:
 class Method:
     """A registered pruning method. ``build(rule, spec, sets, calibration, device)`` returns its
     importance (a BlockImportance for ``block``, a NodeImportance for ``node`` and ``hybrid``);
+    ``in_all``: run by ``--methods all``; ``needs_sets``: reads the SNP label sets;
+    ``needs_calibration``: reads training images; ``uses_rule``: prunes by the ANDC rule;
     ``rule``: the ANDC-rule choices the method fixes over the spec's (``{}``: none)."""
 
     name: str
@@ -76,6 +78,7 @@ class Method:
     build: Callable
     rule: Mapping[str, object] = field(default_factory=dict)
     uses_rule: bool = False
+    needs_calibration: bool = False
     help: str = ""
 
 
@@ -101,19 +104,19 @@ _REGISTRY = [
     Method("magnitude", "block", True, False, lambda r, s, sets, c, d: MagnitudeImportance(),
            help="block L1 norm, norm-sorted permutations (the baseline)"),
     Method("wanda", "block", True, False, lambda r, s, sets, c, d: WandaImportance(c, device=d),
-           help="|W| x input norm on calibration images"),
+           needs_calibration=True, help="|W| x input norm on calibration images"),
     Method("random", "block", True, False, lambda r, s, sets, c, d: RandomImportance(s.seed),
            help="seeded random blocks"),
     Method("andc-shuffled", "block", True, True, _andc(shuffled=True), uses_rule=True,
            help="andc with every node group's label sets shuffled across its nodes (control)"),
-    Method("structured", "node", True, True, _snp_nodes,
+    Method("structured", "node", True, True, _snp_nodes, needs_calibration=True,
            help="whole FF units and head dims removed, fewest recognised labels first"),
     Method("structured-activation", "node", True, False,
-           lambda r, s, sets, c, d: ActivationNodeImportance(c, d),
+           lambda r, s, sets, c, d: ActivationNodeImportance(c, d), needs_calibration=True,
            help="whole nodes removed, smallest activation norm first"),
     Method("andc-magnitude", "block", False, True, _andc(AndcMagnitudeImportance), uses_rule=True,
            help="andc's keep rule, blocks scored by kept |W|"),
-    Method("structured-andc", "hybrid", False, True, _snp_nodes, uses_rule=True,
+    Method("structured-andc", "hybrid", False, True, _snp_nodes, uses_rule=True, needs_calibration=True,
            help="SNP-ranked node removal, then andc blocks in the smaller model"),
     # the ablation of issue 18: cctk's first rule, and that rule with each fix alone
     Method("andc-old", "block", False, True, _andc(), rule=_old(), uses_rule=True,

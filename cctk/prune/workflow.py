@@ -16,7 +16,7 @@ from cctk import data
 from cctk.prune.andc import RecognizedSets
 from cctk.prune.convert import convert_to_andc, density_summary, relative_linear_density
 from cctk.prune.finetune import finetune
-from cctk.prune.pruner import METHODS, STRUCTURED_METHODS, PruneSpec, method_rule, prune_model
+from cctk.prune.pruner import METHODS, PruneSpec, method_rule, prune_model
 from cctk.train import evaluate
 
 __all__ = ["calibration_batches", "data_loaders", "prune_and_finetune"]
@@ -61,9 +61,9 @@ def prune_and_finetune(model: nn.Module, spec: PruneSpec, sets: Optional[Recogni
     device = torch.device(device)
     method = spec.method
     t0 = time.perf_counter()
-    if calibration is None and (method == "wanda" or method in STRUCTURED_METHODS):
+    if calibration is None and METHODS[method].needs_calibration:
         calibration = calibration_batches(train_loader.dataset)
-    structured = method in STRUCTURED_METHODS
+    structured = METHODS[method].kind != "block"
     pruned, plan = prune_model(copy.deepcopy(model).cpu(), spec, sets, calibration=calibration, device="cpu")
     pruned.to(device)
     dens = density_summary(pruned)
