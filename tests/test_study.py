@@ -346,7 +346,7 @@ def test_models_from_reuses_trained_models_and_runs_the_ablation(digits_study, t
     methods = "andc,magnitude,andc-old,andc-old+tokens,andc-old+kept-fraction,andc-old+node-v"
     one_seed = [a if a != "2" else "0," for a in TINY]
     assert main(one_seed + ["--methods", methods, "--dense-classifier", "--models-from", digits_study,
-                            "--out", out]) == 0
+                            "--compare-with", digits_study, "--out", out]) == 0
     assert not os.path.exists(os.path.join(out, "seed0", "train"))                 # nothing retrained
     assert "tokens_recognized" in np.load(os.path.join(out, "seed0", "snp", "nodes.npz")).files
     s = json.load(open(os.path.join(out, "summary.json")))
@@ -364,6 +364,14 @@ def test_models_from_reuses_trained_models_and_runs_the_ablation(digits_study, t
     assert s["rule"]["label-set methods"]["block_score"] == "kept-fraction"
     md = open(os.path.join(out, "summary.md")).read()
     assert "Minus andc-old, paired by seed" in md and "sign-flip" in md
+    # --compare-with: each paired difference here minus the same one in the other study, by seed
+    between = {(c["method"], c["baseline"]): c for c in s["between_studies"]["comparisons"]}
+    here = {r["method"]: float(r["accuracy"]) for r in _rows(out)}
+    there = {r["method"]: float(r["accuracy"]) for r in _rows(digits_study) if r["seed"] == "0"}
+    gap = (here["andc"] - here["magnitude"]) - (there["andc"] - there["magnitude"])
+    assert between[("andc", "magnitude")]["seeds"] == [0] and between[("andc", "magnitude")]["mean_diff"] == pytest.approx(gap)
+    assert ("andc-old", "magnitude") not in between                     # not in the other study
+    assert "against " + os.path.abspath(digits_study) in md
     # a models-from study trained another way is refused
     assert main(one_seed + ["--epochs", "2", "--methods", "andc", "--models-from", digits_study,
                             "--out", str(tmp_path / "other")]) == 2

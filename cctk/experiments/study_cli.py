@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-classifier", action="store_true",
                    help="keep the classifier dense for every method (no classifier ANDC): the control for "
                         "structured removal, which never prunes the classifier")
+    p.add_argument("--compare-with", default=None, metavar="DIR",
+                   help="another study of the same models (e.g. another --finetune-epochs): the summary adds each "
+                        "paired difference here minus the same one there, paired by seed")
     p.add_argument("--snp-variants", action="store_true",
                    help="also SNP with both readouts (adam, the group's sgd) x theta 0.2/0.3/0.5 on validation")
     p.add_argument("--checkpoints", default=None, help="comma list of trained checkpoints, one per seed")
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                       readout_optimizer=args.readout_optimizer, classifier_tolerance=args.classifier_tolerance,
                       checkpoints=_list(args.checkpoints, str, "checkpoints") if args.checkpoints else None,
                       models_from=_list(args.models_from, str, "models-from") if args.models_from else None, block_score=args.block_score, v_sets=args.v_sets,
-                      token_sets=args.token_sets, snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, time_only=args.time_only, data_dir=args.data_dir,
+                      token_sets=args.token_sets, compare_with=args.compare_with, snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, time_only=args.time_only, data_dir=args.data_dir,
                       device=args.device, progress=not args.no_progress,
                       **({"classifier_scan": ()} if args.dense_classifier else {}))
     summary = run_study(cfg)

@@ -30,7 +30,8 @@ SNP_VARIANT_THRESHOLDS = (0.2, 0.3, 0.5)
 RULE_FIELDS = ("block_score", "v_sets", "token_sets")
 #: settings a study_config.json of an older cctk lacks, at the values that cctk used: the first
 #: ANDC rule (summed overlap, head sets for v rows, token channels assumed to recognise every label)
-LEGACY_DEFAULTS = {"block_score": "sum", "v_sets": "head", "token_sets": "assume-all", "models_from": None}
+LEGACY_DEFAULTS = {"block_score": "sum", "v_sets": "head", "token_sets": "assume-all", "models_from": None,
+                   "compare_with": None}
 
 
 @dataclasses.dataclass
@@ -62,6 +63,8 @@ class StudyConfig:
     time_only: bool = False                 # run no cell: time finished cells lacking images/s, summarise
     checkpoints: Optional[Sequence[str]] = None
     models_from: Optional[Sequence[str]] = None   # study directories whose seed{s}/train models to reuse
+    compare_with: Optional[str] = None      # another study (e.g. another fine-tune budget, same models): the
+                                            # summary compares each paired difference with its one there
     snp_variants: bool = False              # also SNP with both readouts x SNP_VARIANT_THRESHOLDS
     # the ANDC rule of the label-set methods (SCIENCE.md 5; the andc-old* methods fix their own)
     block_score: str = "kept-fraction"
@@ -119,6 +122,8 @@ class StudyConfig:
         need(not os.path.isfile(self.out), f"--out {self.out} is a file, not a directory")
         if self.models_from is not None:
             self._check_models_from()
+        need(self.compare_with is None or os.path.isfile(os.path.join(self.compare_with, "results.csv")),
+             f"--compare-with {self.compare_with} holds no study results (no results.csv)")
         try:
             data.dataset_info(self.dataset)
         except (KeyError, ValueError) as exc:

@@ -12,8 +12,9 @@ from typing import Any, Dict, List
 import torch
 
 from cctk.checkpoint import atomic_write_text
-from cctk.experiments.study.config import PRIMARY, StudyConfig, block_size
-from cctk.experiments.study.stats import BASELINES, summarize_results
+from cctk.experiments.study.config import PRIMARY, StudyConfig, block_size, load_config
+from cctk.experiments.study.ledger import read_rows
+from cctk.experiments.study.stats import BASELINES, between_studies, summarize_results
 from cctk.prune.pruner import METHODS
 from cctk.report.html import _img, _plt, _png
 from cctk.timing import cpu_model
@@ -25,6 +26,13 @@ def write_summary(cfg: StudyConfig, rows: List[dict], seeds_info: dict, wall: fl
     # every row of results.csv: all sittings of a study share its fixed settings (config.FIXED_KEYS),
     # so a sitting that runs a few more methods or densities reports the whole study
     stats = summarize_results(rows)
+    if cfg.compare_with is not None:   # the same comparisons in another study (another budget, same models)
+        other = load_config(cfg.compare_with)
+        stats["between_studies"] = {
+            "other": os.path.abspath(cfg.compare_with), "other_finetune_epochs": other.finetune_epochs,
+            "this_finetune_epochs": cfg.finetune_epochs,
+            "statistic": "this study's paired difference minus the other's, paired by seed",
+            "comparisons": between_studies(rows, read_rows(os.path.join(cfg.compare_with, "results.csv")))}
     summary = {"primary_question": PRIMARY, "config": cfg.as_dict(), "block_size": block_size(cfg),
                "rule": {"label-set methods": cfg.rule().as_dict(),
                         "fixed by the ablation methods": {m: dict(METHODS[m].rule) for m in cfg.methods
@@ -88,6 +96,17 @@ def study_markdown(summary: Dict[str, Any]) -> str:
                            + ("" if p.get("p_sign_flip") is None else f", sign-flip {p['p_sign_flip']:.3g}")
                            + ("" if p.get("p_holm") is None else f", Holm {p['p_holm']:.3g}") + (" (primary)" if p["primary"] else ""))
             lines.append(f"| {m} | " + " | ".join(row) + " |")
+    between = summary.get("between_studies")
+    if between and between["comparisons"]:
+        lines += ["", f"This study ({between['this_finetune_epochs']} fine-tune epochs) against {between['other']} "
+                      f"({between['other_finetune_epochs']}): the paired difference here minus there, paired by seed, "
+                      "points (mean [95% CI], p, sign-flip p; no correction):", "",
+                  "| method | baseline | density | here | there | difference |", "|---|---|---|---|---|---|"]
+        for c in between["comparisons"]:
+            lines.append(f"| {c['method']} | {c['baseline']} | {c['density']:g} | {pct(c['this_mean_diff'])} | "
+                         f"{pct(c['other_mean_diff'])} | {pct(c['mean_diff'])} {ci(c['ci95'])}, p "
+                         + ("n/a" if c["p_value"] is None else f"{c['p_value']:.3g}")
+                         + ("" if c["p_sign_flip"] is None else f", sign-flip {c['p_sign_flip']:.3g}") + " |")
     lines += ["", "Images/s over the dense model's (both through cctk.optimize, timed interleaved with each other; with --workers after the last cell):", "",
               head, sep]
     for m in methods:

@@ -15,7 +15,8 @@ from cctk.experiments.study.config import PRIMARY, RULE_FIELDS
 #: itself (its controls), and cctk's first rule (the ablation: which fix changes what)
 BASELINES = ("magnitude", "andc", "andc-old")
 
-__all__ = ["BASELINES", "t_interval", "paired_p", "sign_flip_p", "holm", "pareto_frontier", "summarize_results"]
+__all__ = ["BASELINES", "t_interval", "paired_p", "sign_flip_p", "holm", "pareto_frontier", "summarize_results",
+           "between_studies"]
 
 
 def t_interval(x: Sequence[float]):
@@ -80,14 +81,62 @@ def pareto_frontier(cells: List[dict]) -> List[dict]:
              "images_per_s_mean": c["images_per_s_mean"]} for c in sorted(front, key=lambda c: -c["images_per_s_mean"])]
 
 
+def _by_cell(rows: List[dict]) -> Dict[tuple, Dict[int, dict]]:
+    """{(method, density): {seed: row}}."""
+    by: Dict[tuple, Dict[int, dict]] = {}
+    for r in rows:
+        by.setdefault((r["method"], float(r["density"])), {})[int(r["seed"])] = r
+    return by
+
+
+def _paired_diffs(by: Dict[tuple, Dict[int, dict]], baselines: Sequence[str]) -> Dict[tuple, Dict[int, float]]:
+    """{(method, baseline, density): {seed: accuracy of method - accuracy of baseline}} for every
+    method x density against each baseline present at that density and seed, a pair compared
+    once (against the first of ``baselines`` it meets)."""
+    out: Dict[tuple, Dict[int, float]] = {}
+    for baseline in baselines:   # magnitude, then ANDC itself, then the old rule (the ablation)
+        for (m, d), seeds in sorted(by.items()):
+            if m == baseline or (baseline, d) not in by or (baseline, m, d) in out:
+                continue
+            base = by[(baseline, d)]
+            diffs = {s: float(seeds[s]["accuracy"]) - float(base[s]["accuracy"]) for s in sorted(set(seeds) & set(base))}
+            if diffs:
+                out[(m, baseline, d)] = diffs
+    return out
+
+
+def _test(diffs: Dict[int, float]) -> Dict[str, Any]:
+    """n, seeds, mean, 95% t CI, paired t p and sign-flip p of per-seed differences."""
+    values = [diffs[s] for s in sorted(diffs)]
+    mean, ci, _ = t_interval(values)
+    return {"n": len(values), "seeds": sorted(diffs), "mean_diff": mean, "ci95": ci, "p_value": paired_p(values),
+            "p_sign_flip": sign_flip_p(values)}
+
+
+def between_studies(rows: List[dict], other_rows: List[dict], baselines: Sequence[str] = BASELINES) -> List[dict]:
+    """Each paired comparison (method minus baseline at a density) present in both studies, this
+    one's minus the other's, paired by seed (e.g. the ANDC - magnitude gap after 3 fine-tune
+    epochs minus the gap after 1, on the same models): a difference of differences, its 95% t
+    interval, paired t and sign-flip p (no multiple-comparison correction)."""
+    mine, theirs = _paired_diffs(_by_cell(rows), baselines), _paired_diffs(_by_cell(other_rows), baselines)
+    out = []
+    for (m, baseline, d), diffs in sorted(mine.items()):
+        other = theirs.get((m, baseline, d))
+        common = sorted(set(diffs) & set(other or {}))
+        if common:
+            out.append({"method": m, "baseline": baseline, "density": d,
+                        "this_mean_diff": sum(diffs[s] for s in common) / len(common),
+                        "other_mean_diff": sum(other[s] for s in common) / len(common),
+                        **_test({s: diffs[s] - other[s] for s in common})})
+    return out
+
+
 def summarize_results(rows: List[dict], baselines: Sequence[str] = BASELINES) -> Dict[str, Any]:
     """``cells`` (method x density: n, mean accuracy, 95% t CI, images/s, the rule) and ``paired``
     (method x density minus each baseline present at that density, paired by seed: mean diff, 95%
     CI, paired t-test p, sign-flip p, Holm-adjusted p; a pair is compared once, against the first
     of ``baselines`` it meets)."""
-    by: Dict[tuple, Dict[int, dict]] = {}
-    for r in rows:
-        by.setdefault((r["method"], float(r["density"])), {})[int(r["seed"])] = r
+    by = _by_cell(rows)
     cells = []
     for (m, d), seeds in sorted(by.items()):
         acc = [float(r["accuracy"]) for r in seeds.values()]
@@ -107,22 +156,9 @@ def summarize_results(rows: List[dict], baselines: Sequence[str] = BASELINES) ->
                       "speedup_vs_dense_mean": sum(speed) / len(speed) if speed else None,
                       "linear_density_mean": sum(float(r["linear_density"]) for r in seeds.values()) / len(acc)})
     paired = []
-    done = set()
-    for baseline in baselines:   # magnitude, then ANDC itself, then the old rule (the ablation)
-        for (m, d), seeds in sorted(by.items()):
-            if m == baseline or (baseline, d) not in by or (baseline, m, d) in done:
-                continue
-            done.add((m, baseline, d))
-            base = by[(baseline, d)]
-            common = sorted(set(seeds) & set(base))
-            diffs = [float(seeds[s]["accuracy"]) - float(base[s]["accuracy"]) for s in common]
-            if not diffs:
-                continue
-            mean, ci, _ = t_interval(diffs)
-            primary = (m == PRIMARY["method"] and baseline == PRIMARY["baseline"] and abs(d - PRIMARY["density"]) < 1e-9)
-            paired.append({"method": m, "baseline": baseline, "density": d, "n": len(diffs), "seeds": common,
-                           "mean_diff": mean, "ci95": ci, "p_value": paired_p(diffs),
-                           "p_sign_flip": sign_flip_p(diffs), "primary": primary})
+    for (m, baseline, d), diffs in _paired_diffs(by, baselines).items():
+        primary = (m == PRIMARY["method"] and baseline == PRIMARY["baseline"] and abs(d - PRIMARY["density"]) < 1e-9)
+        paired.append({"method": m, "baseline": baseline, "density": d, **_test(diffs), "primary": primary})
     secondary = [p for p in paired if not p["primary"]]
     for p, a in zip(secondary, holm([p["p_value"] for p in secondary])):
         p["p_holm"] = a
