@@ -182,7 +182,8 @@ def write_study_report(out: str, summary: Dict[str, Any]) -> str:
             ax.set_xlabel("target density" if xkey == "density" else "images/s (cctk.optimize)")
             ax.set_ylabel("test accuracy after fine-tuning")
             ax.set_title(title + " (mean, 95% CI over seeds)")
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:   # (no timings yet: workers time after the cells)
+                ax.legend(fontsize=7)
             parts.append(_img(_png(fig), title))
             plt.close(fig)
     parts.append("<h2>Paired differences (by seed)</h2><table border=1><tr><th>method</th><th>baseline</th>"
