@@ -1,5 +1,6 @@
-"""``cctk prune``: prune a trained checkpoint by any method of the scorer API, fine-tune with the
-masks fixed, convert every block-pruned encoder linear to ANDCLinear.
+"""``cctk prune``: prune a trained checkpoint by any method of the registry
+(``cctk.prune.pruner.METHODS``), fine-tune with the masks fixed, convert every block-pruned
+encoder linear to ANDCLinear.
 
     cctk prune --checkpoint CKPT [--snp DIR] --method METHOD --density 0.25 --block-size 32
                --finetune-epochs N --out DIR [--tau T] [--min-overlap M] [--lr LR] [--seed S]
