@@ -163,7 +163,7 @@ def test_one_rebuild_for_dense_and_pruned(tmp_path):
 def _sets(m, seed=1):
     """Random recognised-label sets of the right shapes (for a pruning plan, not for meaning)."""
     g = torch.Generator().manual_seed(seed)
-    rows = {"final": m.embed_dim}
+    rows = {"final": m.embed_dim, "tokens": m.embed_dim}
     for b in range(m.num_blocks):
         rows.update({f"b{b}_mha": m.embed_dim, f"b{b}_ff": m.ff_dim, f"b{b}_stream_mha": m.embed_dim,
                      f"b{b}_stream_ff": m.embed_dim, f"b{b}_heads": m.num_heads})

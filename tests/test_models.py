@@ -315,8 +315,9 @@ def test_recording_tap_is_transparent_and_shapes():
         torch.testing.assert_close(tapped, plain, rtol=1e-5, atol=1e-5)
         B, H, T, dh, d, dff = 2, model.num_heads, model.seq_len, model.head_dim, model.embed_dim, model.ff_dim
         assert sorted(tap.attn) == list(range(model.num_blocks)) == sorted(tap.ff)
-        assert set(tap.streams) == {(b, w) for b in range(model.num_blocks) for w in ("mha", "ff")}
+        assert set(tap.streams) == {(b, w) for b in range(model.num_blocks) for w in ("mha", "ff")} | {(0, "tokens")}
         z = model.tokens(x)
+        torch.testing.assert_close(tap.streams[(0, "tokens")], z)   # the stream entering block 0
         for b, blk in enumerate(model.blocks):
             assert tap.attn[b].shape == (B, H, T, dh)
             assert all(t.shape == (B, H, T, dh) for t in tap.qkv[b][:3]) and tap.qkv[b][3] == 0.0

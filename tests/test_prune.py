@@ -58,6 +58,7 @@ def random_sets(model, seed=0, p_noise=0.1):
         sets[f"b{b}_stream_mha_recognized"] = rs(d)
         sets[f"b{b}_stream_ff_recognized"] = rs(d)
         sets[f"b{b}_heads_recognized"] = torch.rand(H, K, generator=g) < 0.5
+    sets["tokens_recognized"] = rs(d)   # the stream entering block 0, measured by `cctk snp`
     return sets
 
 
@@ -115,9 +116,12 @@ def test_andc_block_mask_hits_target_density(density):
     bm = PM.andc_block_mask(s, keep, 16, density=density)
     assert bm.shape == (6, 4)
     assert int(bm.sum()) == round(density * 24)
-    # the kept blocks are those of highest summed kept score
-    bs = PM.block_reduce(s.double() * keep, 16)
-    assert bs[bm].min() >= bs[~bm].max() if (~bm).any() else True
+    # the kept blocks are those of highest kept fraction (the default), or of highest summed
+    # kept score with block_score="sum"
+    for score, bs in (("kept-fraction", PM.kept_fraction(keep, 16)), ("sum", PM.block_reduce(s.double() * keep, 16))):
+        bm = PM.andc_block_mask(s, keep, 16, density=density, block_score=score)
+        assert int(bm.sum()) == round(density * 24)
+        assert bs[bm].min() >= bs[~bm].max() if (~bm).any() else True
 
 
 def test_andc_block_mask_tau_threshold():
@@ -256,11 +260,11 @@ def test_prune_andc_masks_follow_label_sets():
     rs = RecognizedSets.from_snp(sets).permuted(plan.permutations)
     assert torch.equal(pm.classifier.fc.mask, rs.final.t())
     assert summ["classifier_density"] == pytest.approx(float(rs.final.double().mean()))
-    # every kept block of linear1 holds at least one ANDC-kept connection, and kept blocks have
-    # the highest scores; block 0's qkv uses the all-labels assumption for the tokens
-    assert plan.tokens_assumed
+    # kept blocks have the highest fraction of kept connections (the default block score); block
+    # 0's qkv reads the measured token sets
+    assert not plan.tokens_assumed and plan.rule["token_sets"] == "measured"
     s = PM.overlap_scores(rs.ff[0], rs.stream_mha[0])
-    kept = PM.block_reduce(s.double() * (s >= 1), 16)
+    kept = PM.kept_fraction(s >= 1, 16)
     bm = plan.block_masks["classifier.blocks.0.linear1"]
     assert kept[bm].min() >= kept[~bm].max()
     # pruned weights are zero in the masked forward
@@ -273,7 +277,7 @@ def test_label_sorting_gathers_score_into_blocks():
     sets = random_sets(m, p_noise=0.03)
     _, ident = P.prune_andc(m, sets, block_size=16, density=0.25, order="identity")
     _, dom = P.prune_andc(m, sets, block_size=16, density=0.25, order="dominant")
-    cap = lambda plan: sum(v["captured_score_fraction"] for v in plan.layer_stats.values())  # noqa: E731
+    cap = lambda plan: sum(v["captured_fraction"] for v in plan.layer_stats.values())  # noqa: E731
     assert cap(dom) > cap(ident) * 1.1
 
 
@@ -423,7 +427,8 @@ def test_cli_prune_structured_writes_a_smaller_dense_checkpoint(tmp_path, method
     function, and that `cctk eval` runs."""
     from cctk.cli import main
     from cctk.nn import MaskedLinear
-    from cctk.prune.workflow import calibration_batches, data_loaders, prune_model
+    from cctk.prune.pruner import PruneSpec, prune_model
+    from cctk.prune.workflow import calibration_batches, data_loaders
 
     m, ckpt, snp_dir = _tiny_checkpoint(tmp_path)
     out = tmp_path / method
@@ -441,8 +446,9 @@ def test_cli_prune_structured_writes_a_smaller_dense_checkpoint(tmp_path, method
         assert not any(isinstance(x, MaskedLinear) for x in loaded.modules())
     # the reloaded model is the pruned one: the same function as a fresh prune + the saved weights
     data_loader, _, _ = data_loaders(ck["dataset"], train_subset=64)
-    fresh, _ = prune_model(m, method, P.RecognizedSets.from_snp(snp_dir, num_blocks=m.num_blocks) if snp else None,
-                           density=0.5, calibration=calibration_batches(data_loader.dataset))
+    fresh, _ = prune_model(m, PruneSpec(method, density=0.5),
+                           P.RecognizedSets.from_snp(snp_dir, num_blocks=m.num_blocks) if snp else None,
+                           calibration=calibration_batches(data_loader.dataset))
     fresh.load_state_dict(loaded.state_dict())   # same shapes: strict load succeeds
     x = torch.randn(5, 1, 8, 8)
     torch.testing.assert_close(loaded(x), fresh.eval()(x))
@@ -468,25 +474,25 @@ def test_cli_prune_every_block_method(tmp_path, method):
 
 
 def test_prune_model_tau_gives_every_block_method_andc_per_layer_densities():
-    from cctk.prune.workflow import prune_model
+    from cctk.prune.pruner import PruneSpec, prune_model
 
     m = tiny_model()
     sets = random_sets(m)
-    _, plan = prune_model(m, "andc", sets, block_size=16, tau=0.3)
+    _, plan = prune_model(m, PruneSpec("andc", block_size=16, tau=0.3), sets)
     ref = plan.blocks_kept()
     for method in ("magnitude", "random"):
-        _, p2 = prune_model(m, method, sets, block_size=16, tau=0.3)
+        _, p2 = prune_model(m, PruneSpec(method, block_size=16, tau=0.3), sets)
         assert p2.blocks_kept() == ref, method
         assert int(p2.classifier_mask.sum()) == int(plan.classifier_mask.sum())
     with pytest.raises(ValueError, match="not tau"):
-        prune_model(m, "structured-activation", None, tau=0.3, calibration=[torch.randn(4, 1, 8, 8)])
+        prune_model(m, PruneSpec("structured-activation", tau=0.3), None, calibration=[torch.randn(4, 1, 8, 8)])
     with pytest.raises(ValueError, match="needs the SNP"):
-        prune_model(m, "magnitude", None, tau=0.3)
+        prune_model(m, PruneSpec("magnitude", tau=0.3), None)
 
 
 def test_structured_andc_hybrid_removes_nodes_then_prunes_blocks():
     from cctk.nn import MaskedLinear
-    from cctk.prune.workflow import hybrid_node_fraction, prune_model
+    from cctk.prune.pruner import PruneSpec, hybrid_node_fraction, prune_model
 
     m = tiny_model()
     sets = RecognizedSets.from_snp(random_sets(m), num_blocks=m.num_blocks)
@@ -495,7 +501,7 @@ def test_structured_andc_hybrid_removes_nodes_then_prunes_blocks():
     assert hybrid_node_fraction(m, 0.25, 16) == 0.5
     assert hybrid_node_fraction(m, 0.5, 16) == 0.75
     assert hybrid_node_fraction(m, 0.125, 16) == 0.25
-    pruned, plan = prune_model(m, "structured-andc", sets, block_size=16, density=0.25, calibration=calib)
+    pruned, plan = prune_model(m, PruneSpec("structured-andc", block_size=16, density=0.25), sets, calibration=calib)
     assert plan.method == "structured-andc"
     assert plan.structured == {str(b): {"ff": 64, "head_dim": 16} for b in range(m.num_blocks)}
     assert (pruned.ff_dim, pruned.head_dim) == (64, 16)               # the model-level widths follow
@@ -505,7 +511,7 @@ def test_structured_andc_hybrid_removes_nodes_then_prunes_blocks():
     for n in masked:                                                  # half the smaller layers' blocks
         assert float(pruned.get_submodule(n).block_mask.float().mean()) == pytest.approx(0.5, abs=0.05)
     # the node removal is the SNP-ranked structured pruning at the node fraction
-    small, _ = prune_model(m, "structured", sets, density=0.5, calibration=calib)
+    small, _ = prune_model(m, PruneSpec("structured", density=0.5), sets, calibration=calib)
     assert [b.linear1.out_features for b in small.blocks] == [b.linear1.out_features for b in pruned.blocks]
     # ANDCLinear conversion keeps the function
     x = torch.randn(4, 1, 8, 8)
@@ -514,7 +520,7 @@ def test_structured_andc_hybrid_removes_nodes_then_prunes_blocks():
         P.convert_to_andc(pruned)
         torch.testing.assert_close(pruned(x), y, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="SNP label sets"):
-        prune_model(m, "structured-andc", None, density=0.25, calibration=calib)
+        prune_model(m, PruneSpec("structured-andc", density=0.25), None, calibration=calib)
 
 
 def test_select_nodes_matches_remove_nodes():
@@ -590,3 +596,30 @@ def test_finetune_through_andclinear_sparse_autograd():
     assert torch.equal(after[~kept], torch.zeros_like(after[~kept]))  # pruned blocks stay pruned
     assert not torch.equal(after[kept], before[kept])
     assert P.density_summary(pm)["linear_density"] == pytest.approx(0.25)
+
+
+def test_cli_prune_refuses_snp_without_token_sets_unless_assumed(tmp_path, capsys):
+    """An SNP directory written before cctk measured the tokens: ANDC is refused with one line
+    saying to rerun `cctk snp`; --token-sets assume-all runs the old assumption, recorded."""
+    from cctk.cli import main
+
+    m, ckpt, snp_dir = _tiny_checkpoint(tmp_path)
+    arrays = dict(np.load(snp_dir / "nodes.npz"))
+    del arrays["tokens_recognized"]
+    np.savez(snp_dir / "nodes.npz", **arrays)
+    base = ["prune", "--checkpoint", str(ckpt), "--snp", str(snp_dir), "--density", "0.25", "--block-size", "16",
+            "--finetune-epochs", "0", "--subset", "32", "--device", "cpu"]
+    for method in ("andc", "andc-shuffled", "andc-old+tokens"):
+        assert main(base + ["--method", method, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "rerun `cctk snp" in err and "--token-sets assume-all" in err
+        assert not (tmp_path / "x").exists()
+    out = tmp_path / "assumed"
+    assert main(base + ["--method", "andc", "--token-sets", "assume-all", "--block-score", "sum", "--v-sets", "head",
+                        "--out", str(out)]) == 0
+    rec = json.loads((out / "prune.json").read_text())
+    assert rec["rule"]["token_sets"] == "assume-all" and rec["tokens_assumed_all_labels"] is True
+    assert rec["rule"]["block_score"] == "sum" and rec["rule"]["v_sets"] == "head"
+    # the old rule itself (andc-old) needs no token sets; magnitude reads none
+    for method in ("andc-old", "magnitude"):
+        assert main(base + ["--method", method, "--out", str(tmp_path / method)]) == 0

@@ -213,7 +213,7 @@ class _Recorder(NodeTap):
         return h
 
     def stream(self, block, where, x):
-        self.out[(block, "stream_" + where)] = x.clone()
+        self.out[(block, where if where == "tokens" else "stream_" + where)] = x.clone()
 
 
 def test_stats_tap_keeps_the_forward_and_matches_explicit_sums():

@@ -76,6 +76,15 @@ def test_cli_writes_the_schema(digits_checkpoint, tmp_path, capsys):
         for h, entry in enumerate(head["heads"]):
             assert np.flatnonzero(arrays[f"b{b}_heads_recognized"][h]).tolist() == entry["recognized"]
         assert summary["stream"][b]["mha"] == block["stream_mha"]["readout_accuracy"]
+    # the stream entering block 0 is measured like every other place (SCIENCE.md 5)
+    tokens = summary["tokens"]
+    for key in SUBBLOCK_KEYS:
+        assert key in tokens, key
+    assert 0.0 <= tokens["readout_accuracy"] <= 1.0 and tokens["num_nodes"] == 128
+    assert arrays["tokens_recognized"].dtype == bool and arrays["tokens_recognized"].shape == (128, K)
+    assert tokens["mean_recognized"] == pytest.approx(arrays["tokens_recognized"].sum(1).mean())
+    assert np.array_equal(arrays["tokens_cluster_id"] >= 0, arrays["tokens_recognized"])
+    assert "tokens (stream entering block 0)" in printed
     assert arrays["final_recognized"].shape == (128, K)
     assert summary["final"]["fc_kept_fraction"] == pytest.approx(arrays["final_recognized"].mean())
     recognized = load_recognized(str(out))
@@ -104,6 +113,8 @@ def test_token_mode_streamed_and_cached(digits_checkpoint, tmp_path):
         assert result.summary["config"]["readout_features_cached"] == bool(cache_limit)
         assert result.summary["blocks"][1]["ff"]["num_nodes"] == model.ff_dim
         assert 0 <= result.summary["blocks"][1]["ff"]["readout_accuracy"] <= 1
+        assert result.arrays["tokens_recognized"].shape == (model.embed_dim, 10)
+        assert 0 <= result.summary["tokens"]["readout_accuracy"] <= 1
     paths = save(result, str(tmp_path), plots=False)
     assert set(paths) == {"snp.json", "nodes.npz"}
 
@@ -124,6 +135,7 @@ def test_seqpool_readout_mode(digits_checkpoint):
     assert cfg["readout_mode"] == "seqpool" and cfg["readout"]["bias"] is False
     assert 0 <= result.summary["blocks"][1]["ff"]["readout_accuracy"] <= 1
     assert result.arrays["b1_ff_recognized"].shape == (model.ff_dim, 10)
+    assert result.arrays["tokens_recognized"].shape == (model.embed_dim, 10)
     # a zero-initialised sequence pooling is the token mean
     ro = SeqPoolReadout(tokens=4, nodes=3, num_classes=2)
     h = torch.randn(5, 4, 3)

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+import cctk.data
 import cctk.experiments.study as study
 from cctk.cli import main
+from cctk.prune.convert import relative_linear_density
+from cctk.prune.pruner import ALL_METHODS
 
 TINY = ["study", "--dataset", "digits", "--seeds", "2", "--densities", "0.25", "--finetune-epochs", "1",
         "--epochs", "1", "--train-subset", "160", "--test-subset", "80", "--val-size", "40",
@@ -30,8 +33,8 @@ def digits_study(tmp_path_factory):
 
 def test_study_writes_results_summary_report(digits_study):
     rows = _rows(digits_study)
-    assert len(rows) == 2 * len(study.ALL_METHODS)
-    assert {(r["seed"], r["method"]) for r in rows} == {(str(s), m) for s in (0, 1) for m in study.ALL_METHODS}
+    assert len(rows) == 2 * len(ALL_METHODS)
+    assert {(r["seed"], r["method"]) for r in rows} == {(str(s), m) for s in (0, 1) for m in ALL_METHODS}
     for r in rows:
         for k in ("accuracy", "accuracy_before_finetune", "images_per_s", "linear_density", "classifier_density",
                   "timed_on"):
@@ -39,7 +42,7 @@ def test_study_writes_results_summary_report(digits_study):
         assert abs(float(r["linear_density"]) - 0.25) < 0.02
         assert (r["connection_keep_fraction"] != "") == (r["method"] in ("andc", "andc-shuffled"))
     s = json.load(open(os.path.join(digits_study, "summary.json")))
-    assert {c["method"] for c in s["cells"]} == set(study.ALL_METHODS)
+    assert {c["method"] for c in s["cells"]} == set(ALL_METHODS)
     assert s["timed_on"] == [rows[0]["timed_on"]] and s["machine"]["cpu"] in rows[0]["timed_on"]
     cell = next(c for c in s["cells"] if c["method"] == "andc")
     acc = [float(r["accuracy"]) for r in rows if r["method"] == "andc"]
@@ -113,15 +116,16 @@ def test_retime_fills_missing_images_per_s(digits_study, tmp_path):
     for r in rows:
         if r["method"] == "wanda":
             r["images_per_s"] = r["dense_images_per_s"] = ""
-    study._write_rows(os.path.join(out, "results.csv"), rows)
+    study.write_rows(os.path.join(out, "results.csv"), rows)
     # a results.csv written before the timed_on column resumes
-    old_fields = [k for k in study.RESULT_FIELDS if k != "timed_on"]
+    old_fields = [k for k in study.RESULT_FIELDS if k not in ("timed_on", "block_score", "v_sets", "token_sets",
+                                                           "finetune_epochs")]
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=old_fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     # --time-only with a method more: no new cell runs, the missing images/s are filled
-    assert main(TINY + ["--methods", ",".join(study.ALL_METHODS) + ",andc-magnitude",
+    assert main(TINY + ["--methods", ",".join(ALL_METHODS) + ",andc-magnitude",
                         "--time-only", "--out", out]) == 0
     after = _rows(out)
     assert len(after) == len(rows) and "andc-magnitude" not in {r["method"] for r in after}
@@ -146,7 +150,7 @@ def test_study_cell_models_rebuilds_cells_and_writes_nothing(digits_study):
     assert not any(isinstance(m, ANDCLinear) for m in got["pruned"]["structured"].modules())
     for method, m in got["pruned"].items():
         assert not m.training
-        assert study.relative_linear_density(dense, m) == pytest.approx(float(rows[method]["linear_density"]), abs=1e-9)
+        assert relative_linear_density(dense, m) == pytest.approx(float(rows[method]["linear_density"]), abs=1e-9)
         assert m(got["example"]).shape == dense(got["example"]).shape
     after = {f: os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(digits_study) for f in fs}
     assert after == before
@@ -198,7 +202,7 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys, bad, msg):
 
 def test_shuffled_test_labels_change_no_mask_threshold_or_weight(tmp_path, monkeypatch):
     def run(out, shuffle):
-        real = study.data.from_record
+        real = cctk.data.from_record
 
         def from_record(record, split, *a, **k):
             ds = real(record, split, *a, **k)
@@ -208,14 +212,14 @@ def test_shuffled_test_labels_change_no_mask_threshold_or_weight(tmp_path, monke
                 base.targets = base.targets[torch.randperm(len(base.targets), generator=g)]
             return ds
 
-        monkeypatch.setattr(study.data, "from_record", from_record)
+        monkeypatch.setattr(cctk.data, "from_record", from_record)
         cfg = study.StudyConfig(out=str(out), dataset="digits", seeds=[0], densities=[0.25],
                                 methods=["andc", "structured"], finetune_epochs=1, epochs=1,
                                 train_subset=160, test_subset=80, val_size=40, readout_epochs=1,
                                 bench_rounds=1, bench_batch=8, progress=False, verbose=False,
                                 snp_variants=not shuffle)
         s = study.run_study(cfg)
-        monkeypatch.setattr(study.data, "from_record", real)
+        monkeypatch.setattr(cctk.data, "from_record", real)
         return _rows(out), s
 
     rows_a, sa = run(tmp_path / "a", False)
@@ -252,7 +256,7 @@ def test_dense_classifier_control(tmp_path):
 def test_cell_order_puts_the_primary_comparison_first():
     cfg = study.StudyConfig(out="unused", seeds=(0, 1, 2), densities=(0.5, 0.25, 0.125),
                             methods=("random", "andc", "wanda", "magnitude"))
-    cells = [study._cell_key(s, m, d) for s in cfg.seeds for m in cfg.methods for d in cfg.densities]
+    cells = [study.cell_key(s, m, d) for s in cfg.seeds for m in cfg.methods for d in cfg.densities]
     order = study.cell_order(cfg, cells)
     assert sorted(order) == sorted(cells)                        # a permutation: nothing lost or added
     # the primary pair at 0.25 for every seed, method by method, then the rest of 0.25, then 0.5, 0.125
@@ -262,6 +266,112 @@ def test_cell_order_puts_the_primary_comparison_first():
     assert order[12:15] == [(s, "random", 0.5) for s in (0, 1, 2)]
     # without the primary density: density by density, in the order given
     cfg2 = study.StudyConfig(out="unused", seeds=(0,), densities=(0.125, 0.5), methods=("magnitude", "andc"))
-    cells2 = [study._cell_key(0, m, d) for m in cfg2.methods for d in cfg2.densities]
+    cells2 = [study.cell_key(0, m, d) for m in cfg2.methods for d in cfg2.densities]
     assert study.cell_order(cfg2, cells2) == [(0, "magnitude", 0.125), (0, "andc", 0.125),
                                               (0, "magnitude", 0.5), (0, "andc", 0.5)]
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 18: the rule recorded, old studies resume, models reused, the sign-flip test
+
+
+def test_sign_flip_test_is_exact_and_bounded_by_two_over_two_to_the_n():
+    # all three differences positive: only the observed signs and their mirror reach |mean|
+    assert study.sign_flip_p([0.01, 0.02, 0.03]) == pytest.approx(2 / 8)
+    assert study.sign_flip_p([0.01] * 5) == pytest.approx(2 / 32)
+    # by hand: diffs (3, -1, 2); the 8 signed sums: 4, 0, 6, 2, -2, -6, 0, -4 -> |s| >= 4: 4 of 8
+    assert study.sign_flip_p([3.0, -1.0, 2.0]) == pytest.approx(4 / 8)
+    assert study.sign_flip_p([0.0, 0.0]) == 1.0 and study.sign_flip_p([]) is None
+    rows = [{"seed": s, "method": m, "density": 0.25, "accuracy": a, "accuracy_before_finetune": a,
+             "images_per_s": "", "linear_density": 0.25}
+            for s, (a_m, a_a) in enumerate([(0.80, 0.82), (0.70, 0.73), (0.75, 0.76)])
+            for m, a in (("magnitude", a_m), ("andc", a_a))]
+    primary = study.summarize_results(rows)["paired"][0]
+    assert primary["primary"] and primary["p_sign_flip"] == pytest.approx(0.25)
+
+
+def test_committed_first_study_still_loads_with_the_old_rule():
+    """docs/study_fmnist (written before the rule was recorded) reads as cctk's first rule, and
+    its rows still give the committed primary figure."""
+    root = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "study_fmnist")
+    cfg = study.load_config(root)
+    assert (cfg.block_score, cfg.v_sets, cfg.token_sets, cfg.models_from) == ("sum", "head", "assume-all", None)
+    rows = study.read_rows(os.path.join(root, "results.csv"))
+    for r in rows:
+        expect = ("sum", "head", "assume-all") if r["method"].startswith("andc") or r["method"] == "structured-andc" \
+            else ("", "", "")
+        assert (r["block_score"], r["v_sets"], r["token_sets"]) == expect, r["method"]
+    committed = json.load(open(os.path.join(root, "summary.json")))
+    old = next(p for p in committed["paired"] if p["primary"])
+    new = next(p for p in study.summarize_results(rows)["paired"] if p["primary"])
+    assert new["mean_diff"] == pytest.approx(old["mean_diff"]) and new["ci95"] == pytest.approx(old["ci95"])
+    assert new["p_sign_flip"] == pytest.approx(2 / 8)   # 3 seeds, every one below magnitude
+
+
+def test_old_results_csv_and_config_resume_with_the_old_rule(digits_study, tmp_path, capsys):
+    """A study directory written before issue 18 (no rule in study_config.json, no rule columns
+    in results.csv) resumes with the old rule's options, and is refused with the new defaults
+    (its cells would mix two rules)."""
+    import shutil
+    out = str(tmp_path / "old")
+    shutil.copytree(digits_study, out)
+    rows = _rows(out)
+    old_fields = study.RESULT_FIELDS[:study.RESULT_FIELDS.index("timed_on") + 1]
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    cfg_path = os.path.join(out, "study_config.json")
+    cfg = json.load(open(cfg_path))
+    for k in ("block_score", "v_sets", "token_sets", "models_from"):
+        del cfg[k]
+    json.dump(cfg, open(cfg_path, "w"))
+    assert main(TINY + ["--methods", "all", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "block_score, v_sets, token_sets" in err[0]
+    old_rule = ["--block-score", "sum", "--v-sets", "head", "--token-sets", "assume-all"]
+    assert main(TINY + ["--methods", "all", "--out", out] + old_rule) == 0
+    after = _rows(out)
+    assert [(r["seed"], r["method"], r["model_digest"]) for r in after] == \
+           [(r["seed"], r["method"], r["model_digest"]) for r in rows]      # nothing redone
+    by = {r["method"]: r for r in study.read_rows(os.path.join(out, "results.csv"))}   # the old file, read
+    assert (by["andc"]["block_score"], by["andc"]["v_sets"], by["andc"]["token_sets"]) == ("sum", "head", "assume-all")
+    assert by["magnitude"]["block_score"] == ""
+
+
+def test_models_from_reuses_trained_models_and_runs_the_ablation(digits_study, tmp_path):
+    """--models-from: the other study's trained models, SNP measured here (token sets included),
+    the new rule and the old one with each fix alone in one run, each row recording its rule."""
+    out = str(tmp_path / "abl")
+    methods = "andc,magnitude,andc-old,andc-old+tokens,andc-old+kept-fraction,andc-old+node-v"
+    one_seed = [a if a != "2" else "0," for a in TINY]
+    assert main(one_seed + ["--methods", methods, "--dense-classifier", "--models-from", digits_study,
+                            "--compare-with", digits_study, "--out", out]) == 0
+    assert not os.path.exists(os.path.join(out, "seed0", "train"))                 # nothing retrained
+    assert "tokens_recognized" in np.load(os.path.join(out, "seed0", "snp", "nodes.npz")).files
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["seeds"]["0"]["model_source"].startswith("models_from")
+    first = json.load(open(os.path.join(digits_study, "summary.json")))
+    assert s["seeds"]["0"]["dense_test_accuracy"] == first["seeds"]["0"]["dense_test_accuracy"]   # same model
+    rules = {r["method"]: (r["block_score"], r["v_sets"], r["token_sets"]) for r in _rows(out)}
+    assert rules == {"andc": ("kept-fraction", "node", "measured"), "magnitude": ("", "", ""),
+                     "andc-old": ("sum", "head", "assume-all"), "andc-old+tokens": ("sum", "head", "measured"),
+                     "andc-old+kept-fraction": ("kept-fraction", "head", "assume-all"),
+                     "andc-old+node-v": ("sum", "node", "assume-all")}
+    assert all(float(r["classifier_density"]) == 1.0 for r in _rows(out))
+    pairs = {(p["method"], p["baseline"]) for p in s["paired"]}
+    assert ("andc", "magnitude") in pairs and ("andc-old+tokens", "andc-old") in pairs
+    assert s["rule"]["label-set methods"]["block_score"] == "kept-fraction"
+    md = open(os.path.join(out, "summary.md")).read()
+    assert "Minus andc-old, paired by seed" in md and "sign-flip" in md
+    # --compare-with: each paired difference here minus the same one in the other study, by seed
+    between = {(c["method"], c["baseline"]): c for c in s["between_studies"]["comparisons"]}
+    here = {r["method"]: float(r["accuracy"]) for r in _rows(out)}
+    there = {r["method"]: float(r["accuracy"]) for r in _rows(digits_study) if r["seed"] == "0"}
+    gap = (here["andc"] - here["magnitude"]) - (there["andc"] - there["magnitude"])
+    assert between[("andc", "magnitude")]["seeds"] == [0] and between[("andc", "magnitude")]["mean_diff"] == pytest.approx(gap)
+    assert ("andc-old", "magnitude") not in between                     # not in the other study
+    assert "against " + os.path.abspath(digits_study) in md
+    # a models-from study trained another way is refused
+    assert main(one_seed + ["--epochs", "2", "--methods", "andc", "--models-from", digits_study,
+                            "--out", str(tmp_path / "other")]) == 2

@@ -35,11 +35,12 @@ import torch
 from cctk import data
 from cctk import snp as snp_mod
 from cctk.checkpoint import atomic_write_text, checkpoint_provenance, load_checkpoint, output_dir
-from cctk.prune.andc import (PrunePlan, RecognizedSets, apply_masks, final_stream_means,
-                             final_stream_sets)
+from cctk.prune.andc import RecognizedSets, final_stream_means, final_stream_sets
 from cctk.optimize import optimize
 from cctk.prune.convert import save_pruned, to_masked_dense
 from cctk.prune.masks import classifier_keep
+from cctk.prune.plan import PrunePlan, apply_masks
+from cctk.prune.pruner import PruneSpec
 from cctk.prune.workflow import data_loaders, prune_and_finetune
 from cctk.report import write_report
 from cctk.timing import models_images_per_s
@@ -191,10 +192,10 @@ def prune_both(run: Run, block_size: int, density: float, finetune_epochs: int, 
             f"at the same per-layer densities, each fine-tuned {finetune_epochs} epoch(s) ...", flush=True)
     t0 = time.perf_counter()
     for method in ("andc", "magnitude"):
-        pruned, plan, rec = prune_and_finetune(
-            run.model, method, run.sets, run.train_loader, run.test_loader, block_size=block_size,
-            density=density, finetune_epochs=finetune_epochs, lr=lr, device=run.device, log=run.say,
-            classifier_sets=run.classifier_sets)
+        spec = PruneSpec(method, density=density, block_size=block_size, classifier_sets=run.classifier_sets,
+                         finetune_epochs=finetune_epochs, lr=lr)
+        pruned, plan, rec = prune_and_finetune(run.model, spec, run.sets, run.train_loader, run.test_loader,
+                                               device=run.device, log=run.say)
         path = os.path.join(run.out_dir, method, "checkpoint.pt")
         save_pruned(pruned.cpu(), plan, path, source_checkpoint=run.ckpt,
                     metrics={"test_accuracy": rec["accuracy"], "dense_accuracy": run.dense_accuracy})
@@ -237,10 +238,10 @@ def sweep_densities(run: Run, densities: Sequence[float], block_size: int, finet
     t0 = time.perf_counter()
     for d in densities:
         for method in ("andc", "magnitude"):
-            _, _, rec = prune_and_finetune(run.model, method, run.sets, run.train_loader, run.test_loader,
-                                           block_size=block_size, density=d, finetune_epochs=finetune_epochs,
-                                           lr=lr, device=run.device, convert=False,
-                                           classifier_sets=run.classifier_sets)
+            spec = PruneSpec(method, density=d, block_size=block_size, classifier_sets=run.classifier_sets,
+                             finetune_epochs=finetune_epochs, lr=lr, convert=False)
+            _, _, rec = prune_and_finetune(run.model, spec, run.sets, run.train_loader, run.test_loader,
+                                           device=run.device)
             run.sweep_rows.append({"method": method, "target_density": d, "linear_density": rec["linear_density"],
                                    "classifier_density": rec["classifier_density"],
                                    "accuracy_before_finetune": rec["accuracy_before_finetune"],

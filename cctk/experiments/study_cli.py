@@ -6,6 +6,10 @@ Holm) and report.html. Resumable: rerun the same command and finished cells are 
                --out runs/study_digits
     cctk study --dataset fashion-mnist --seeds 3 --densities 0.5,0.25,0.125 --methods all \\
                --finetune-epochs 1 --out runs/study_fmnist
+    # the same trained models, SNP re-measured (token sets), the old rule and each fix alone:
+    cctk study --dataset fashion-mnist --seeds 3 --epochs 12 --val-size 5000 --densities 0.25 \\
+               --methods andc,magnitude,andc-old,andc-old+tokens,andc-old+kept-fraction,andc-old+node-v \\
+               --dense-classifier --models-from docs/study_fmnist --out runs/study_fmnist_ablation
 """
 from __future__ import annotations
 
@@ -20,8 +24,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="3", help="number of seeds N (seeds 0..N-1) or a comma list")
     p.add_argument("--densities", default="0.5,0.25,0.125", help="comma-separated target densities")
     p.add_argument("--methods", default="all", help="'all' (andc, magnitude, wanda, random, andc-shuffled, "
-                   "structured, structured-activation) or a comma list of those, andc-magnitude and structured-andc (the hybrid)")
+                   "structured, structured-activation) or a comma list of those, andc-magnitude, structured-andc (the "
+                   "hybrid) and the ablation of cctk's first ANDC rule: andc-old (summed overlap, head sets for v, "
+                   "token channels assumed to recognise every label), andc-old+tokens, andc-old+kept-fraction, "
+                   "andc-old+node-v (that rule with one fix each)")
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs of every pruned model")
+    p.add_argument("--block-score", default="kept-fraction", choices=("kept-fraction", "sum"),
+                   help="ANDC block score of the label-set methods: the fraction of a block's connections the rule "
+                        "keeps, ties by L1 (kept-fraction, default) or the summed overlap (sum, cctk's first rule)")
+    p.add_argument("--v-sets", default="node", choices=("node", "head"),
+                   help="label sets of qkv's v rows: the MHA node each produces (node, default) or its head's (head)")
+    p.add_argument("--token-sets", default="measured", choices=("measured", "assume-all"),
+                   help="label sets of the stream entering block 0: measured by the study's SNP (default) or "
+                        "assume-all (every token channel recognises every label: cctk's first rule)")
+    p.add_argument("--models-from", default=None, metavar="DIR[,DIR...]",
+                   help="reuse the trained models of other study directories (the first one's seed{s}/train that "
+                        "exists, trained with the same dataset, model, epochs, training pool and validation size); "
+                        "seeds none has are trained here; SNP and every cell are run here")
     p.add_argument("--finetune-subset", type=int, default=None,
                    help="fine-tune every pruned model on the first N training images (same for all methods)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune learning rate")
@@ -41,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-classifier", action="store_true",
                    help="keep the classifier dense for every method (no classifier ANDC): the control for "
                         "structured removal, which never prunes the classifier")
+    p.add_argument("--compare-with", default=None, metavar="DIR",
+                   help="another study of the same models (e.g. another --finetune-epochs): the summary adds each "
+                        "paired difference here minus the same one there, paired by seed")
     p.add_argument("--snp-variants", action="store_true",
                    help="also SNP with both readouts (adam, the group's sgd) x theta 0.2/0.3/0.5 on validation")
     p.add_argument("--checkpoints", default=None, help="comma list of trained checkpoints, one per seed")
@@ -70,7 +92,7 @@ def _list(text: str, kind, what: str):
 def run(args: argparse.Namespace) -> int:
     from cctk.errors import ConfigError
     from cctk.experiments.study import StudyConfig, run_study
-    from cctk.prune.scorers import ALL_METHODS
+    from cctk.prune.pruner import ALL_METHODS
 
     if args.device is not None:
         from cctk.train import resolve_device
@@ -92,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
                       val_size=args.val_size, threshold=args.threshold, readout_epochs=args.readout_epochs,
                       readout_optimizer=args.readout_optimizer, classifier_tolerance=args.classifier_tolerance,
                       checkpoints=_list(args.checkpoints, str, "checkpoints") if args.checkpoints else None,
-                      snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, time_only=args.time_only, data_dir=args.data_dir,
+                      models_from=_list(args.models_from, str, "models-from") if args.models_from else None, block_score=args.block_score, v_sets=args.v_sets,
+                      token_sets=args.token_sets, compare_with=args.compare_with, snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, time_only=args.time_only, data_dir=args.data_dir,
                       device=args.device, progress=not args.no_progress,
                       **({"classifier_scan": ()} if args.dense_classifier else {}))
     summary = run_study(cfg)
@@ -100,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         if p["primary"]:
             lo, hi = p["ci95"]
             ci = "n/a" if lo is None else f"[{lo:+.4f}, {hi:+.4f}]"
+            flip = "" if p.get("p_sign_flip") is None else f", sign-flip p = {p['p_sign_flip']:.3g}"
             print(f"primary: {p['method']} - {p['baseline']} at density {p['density']}: "
-                  f"{p['mean_diff']:+.4f}, 95% CI {ci}, n = {p['n']}")
+                  f"{p['mean_diff']:+.4f}, 95% CI {ci}{flip}, n = {p['n']}")
     print(f"wrote {args.out}/results.csv, summary.json, report.html")
     return 0

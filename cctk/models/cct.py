@@ -93,7 +93,8 @@ class NodeTap:
     * ``ff_hidden(block, x, linear1) -> h``: x (B, T, d) the FF input (after norm1);
       h = GELU_erf(linear1(x)) (B, T, d_ff): the FF nodes.
     * ``stream(block, where, x)``: observes the residual stream; where="mha": after
-      ``norm1(x + attn)``; where="ff": the block output.
+      ``norm1(x + attn)``; where="ff": the block output; where="tokens" (block 0 only): the
+      stream entering block 0 (tokenizer output plus positional embedding).
     """
 
     def attention(self, block: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -371,6 +372,8 @@ class TransformerClassifier(nn.Module):
 
     def encode(self, x: torch.Tensor, tap: Optional[NodeTap] = None) -> torch.Tensor:
         """Blocks, final LayerNorm and sequence pooling: (B, T, d) -> p (B, d)."""
+        if tap is not None:
+            tap.stream(0, "tokens", x)
         for i, blk in enumerate(self.blocks):
             x = blk(x, tap, i)
         return self.pool(self.norm(x))

@@ -1,78 +1,102 @@
-"""ANDC pruning of a CCT from its SNP label sets, and the block-magnitude baseline.
+"""ANDC's science: recognised label sets, the rule carried to blocks, label-sorting
+permutations (SCIENCE.md section 5). The pruner (:mod:`cctk.prune.pruner`) applies it through
+:class:`cctk.prune.importance.AndcImportance`.
 
-SCIENCE.md section 5. For block b of a CCT with d stream channels, H heads of d_h dims and
-d_ff FF units, the recognised label sets D (bool, (n_nodes, K)) used by each encoder linear:
+For block b of a CCT with d stream channels, H heads of d_h dims and d_ff FF units, the
+recognised label sets D (bool, (n_nodes, K)) used by each encoder linear:
 
-    layer                        output nodes j             input nodes i
-    blocks.b.self_attn.qkv       D_h of the row's head h    stream entering block b
-                                 (q, k and v rows alike)    (tokens for b = 0, else stream_ff[b-1])
-    blocks.b.self_attn.proj      stream_mha[b]              MHA nodes of block b
-    blocks.b.linear1             FF nodes of block b        stream_mha[b]
-    blocks.b.linear2             stream_ff[b]               FF nodes of block b
-    classifier.fc (element mask) labels c                   final stream: keep W[c, n] iff c ∈ D_n
+    layer                        output nodes j                 input nodes i
+    blocks.b.self_attn.qkv       q, k rows: D_h of the row's    stream entering block b
+                                 head h; v rows: the MHA node   (tokens for b = 0, else
+                                 (h, j) they produce (``v_sets``  stream_ff[b-1])
+                                 "node"; "head": D_h as q, k)
+    blocks.b.self_attn.proj      stream_mha[b]                  MHA nodes of block b
+    blocks.b.linear1             FF nodes of block b            stream_mha[b]
+    blocks.b.linear2             stream_ff[b]                   FF nodes of block b
+    classifier.fc (element mask) labels c                       final stream: keep W[c, n] iff c ∈ D_n
 
 stream_mha[b] is the stream after ``norm1`` (the input of linear1), stream_ff[b] the block's
-output. When the SNP result has no label sets for the tokens (the stream before block 0), every
-token channel is taken to recognise every label: block 0's qkv then keeps exactly the rows of
-heads with a non-empty D_h (documented choice; see :class:`RecognizedSets`).
+output, tokens the stream entering block 0 (tokenizer output plus positional embedding), which
+``cctk snp`` measures like every other place. Every input set is measured, never assumed: SNP
+results without token sets are refused (:class:`MissingTokenSets`) unless the rule asks for the
+old assumption explicitly (``token_sets="assume-all"``: every token channel recognises every
+label, which makes block 0's qkv rule a no-op and hands its budget to the head recognising
+the most labels).
 
-Pipeline of :func:`prune_andc`: choose label-sorting permutations (stream, FF units, v dims
-within heads; q/k rows of a head all share D_h, so their order does not matter and stays),
-apply them to a copy of the model, score every connection, build the block masks (top blocks
-by summed kept score at the target density, or kept fraction >= tau), mask the classifier, and
-install the masks as :class:`MaskedLinear` layers (convert to ANDCLinear with
-:func:`cctk.prune.convert.convert_to_andc`).
+:class:`AndcRule` holds the rule's choices: ``min_overlap``, ``block_score`` (``kept-fraction``:
+the fraction of a block's connections the rule keeps, ties by L1, the default; ``sum``: summed
+overlap counts, cctk's first choice), ``v_sets`` (``node`` / ``head``), ``token_sets``
+(``measured`` / ``assume-all``), the node ``order`` and ``permute``. :data:`OLD_RULE` is cctk's
+first rule (sum, head, assume-all), kept so that an ablation can run it.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Union
+from typing import List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from cctk.checkpoint import replace_submodule as _set_submodule
-from cctk.nn import MaskedLinear
-from cctk.snp import analyze_group, load_recognized
-from cctk.prune.masks import (
-    andc_block_mask,
-    block_reduce,
-    classifier_keep,
-    connection_keep,
-    magnitude_block_mask,
-    magnitude_element_mask,
-    overlap_scores,
-)
+from cctk.prune.masks import BLOCK_SCORES, andc_block_mask, block_reduce, connection_keep, overlap_scores
 from cctk.prune.permute import label_order, permute_ff, permute_head_dims, permute_stream
+from cctk.prune.plan import Permutations, Target, encoder_linear_names
+from cctk.snp import analyze_group, load_recognized
 
 __all__ = [
     "RecognizedSets",
-    "PrunePlan",
-    "encoder_linear_names",
+    "MissingTokenSets",
+    "AndcRule",
+    "OLD_RULE",
+    "V_SETS",
+    "TOKEN_SETS",
     "layer_label_sets",
     "choose_permutations",
     "best_andc_permutations",
     "apply_permutations",
-    "prune_andc",
-    "prune_magnitude",
-    "apply_masks",
+    "layer_connections",
+    "rule_stats",
+    "andc_layer_masks",
+    "shuffle_label_sets",
     "final_stream_means",
     "final_stream_sets",
 ]
 
-Density = Union[float, Mapping[str, float]]
+V_SETS = ("node", "head")
+TOKEN_SETS = ("measured", "assume-all")
 
 
-def encoder_linear_names(model: nn.Module) -> List[str]:
-    """Canonical module paths of every encoder linear (qkv, proj, linear1, linear2 per block)."""
-    names = []
-    for b in range(len(model.blocks)):
-        p = f"classifier.blocks.{b}"
-        names += [f"{p}.self_attn.qkv", f"{p}.self_attn.proj", f"{p}.linear1", f"{p}.linear2"]
-    return names
+class MissingTokenSets(ValueError):
+    """SNP results without the token label sets (``tokens_recognized``), used where the rule needs them."""
+
+
+@dataclass(frozen=True)
+class AndcRule:
+    """The choices of ANDC's rule carried to blocks (see the module docstring)."""
+
+    min_overlap: int = 1
+    block_score: str = "kept-fraction"
+    v_sets: str = "node"
+    token_sets: str = "measured"
+    order: str = "auto"
+    permute: bool = True
+
+    def __post_init__(self):
+        if self.min_overlap < 1:
+            raise ValueError(f"min_overlap must be >= 1, got {self.min_overlap}")
+        for name, allowed in (("block_score", BLOCK_SCORES), ("v_sets", V_SETS), ("token_sets", TOKEN_SETS),
+                              ("order", ("auto", "dominant", "lexicographic", "identity"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+#: cctk's first rule (the Fashion-MNIST study of docs/FINDINGS.md): summed overlap, head sets
+#: for v rows, token channels assumed to recognise every label
+OLD_RULE = AndcRule(block_score="sum", v_sets="head", token_sets="assume-all")
 
 
 def _block_of(name: str) -> int:
@@ -89,8 +113,8 @@ class RecognizedSets:
     stream_mha: List[torch.Tensor]     # (d, K) per block: after norm1
     stream_ff: List[torch.Tensor]      # (d, K) per block: block output
     final: torch.Tensor                # (d, K): pooled vector after the final LayerNorm
-    tokens: torch.Tensor               # (d, K): stream entering block 0
-    tokens_assumed: bool = False       # True when tokens were not measured (all labels assumed)
+    tokens: Optional[torch.Tensor]     # (d, K): stream entering block 0 (None: not measured)
+    tokens_assumed: bool = False       # True when ``tokens`` are the all-labels assumption
 
     @property
     def num_labels(self) -> int:
@@ -102,7 +126,9 @@ class RecognizedSets:
         an in-memory ``cctk.snp.SNPResult``.
 
         Keys ``b{b}_{g}_recognized`` for g in mha, ff, stream_mha, stream_ff; ``b{b}_heads_recognized``;
-        ``final_recognized``; optionally ``tokens_recognized``.
+        ``final_recognized``; ``tokens_recognized`` (absent from SNP results of cctk before
+        the tokens were measured: ``tokens`` is then None, and the ANDC rule refuses them unless
+        asked to assume, :meth:`with_token_sets`).
         """
         if isinstance(source, (str, Path)):
             source = load_recognized(source)
@@ -121,26 +147,39 @@ class RecognizedSets:
         missing = [k for k in need if k not in d]
         if missing:
             raise ValueError(f"SNP result lacks recognised sets {missing[:6]}; rerun `cctk snp` with this cctk version")
-        final = d["final_recognized"]
-        tokens = d.get("tokens_recognized")
-        assumed = tokens is None
-        if assumed:
-            tokens = torch.ones_like(final)
         g = lambda name: [d[f"b{b}_{name}_recognized"] for b in range(num_blocks)]  # noqa: E731
         return cls(heads=g("heads"), mha=g("mha"), ff=g("ff"), stream_mha=g("stream_mha"),
-                   stream_ff=g("stream_ff"), final=final, tokens=tokens, tokens_assumed=assumed)
+                   stream_ff=g("stream_ff"), final=d["final_recognized"], tokens=d.get("tokens_recognized"))
+
+    def with_token_sets(self, token_sets: str = "measured") -> "RecognizedSets":
+        """The sets the rule uses for the stream entering block 0: ``"measured"`` (refused with
+        :class:`MissingTokenSets` when the SNP result has none) or ``"assume-all"`` (every token
+        channel recognises every label: the old assumption, measured sets or not)."""
+        if token_sets == "assume-all":
+            return dataclasses.replace(self, tokens=torch.ones_like(self.final), tokens_assumed=True)
+        if token_sets != "measured":
+            raise ValueError(f"token_sets must be one of {', '.join(TOKEN_SETS)}, got {token_sets!r}")
+        if self.tokens is None or self.tokens_assumed:
+            raise MissingTokenSets("the SNP result has no label sets for the tokens (tokens_recognized: "
+                                   "written by an older cctk): rerun `cctk snp`, or ask for the old "
+                                   "assumption explicitly (--token-sets assume-all)")
+        return self
 
     def stream_counts(self) -> torch.Tensor:
         """C[n, k] = number of measured places of the stream where channel n recognises label k."""
         C = self.final.to(torch.int64).clone()
         for s in self.stream_mha + self.stream_ff:
             C += s.to(torch.int64)
-        if not self.tokens_assumed:
+        if self.tokens is not None and not self.tokens_assumed:
             C += self.tokens.to(torch.int64)
         return C
 
     def stream_in(self, block: int) -> torch.Tensor:
-        return self.tokens if block == 0 else self.stream_ff[block - 1]
+        if block > 0:
+            return self.stream_ff[block - 1]
+        if self.tokens is None:
+            self.with_token_sets("measured")   # raises MissingTokenSets
+        return self.tokens
 
     def select_nodes(self, ff_keep: Mapping[int, torch.Tensor], head_dims_keep: Mapping[int, torch.Tensor],
                      head_dim: int) -> "RecognizedSets":
@@ -166,41 +205,27 @@ class RecognizedSets:
             stream_mha=[x[s] for x in self.stream_mha],
             stream_ff=[x[s] for x in self.stream_ff],
             final=self.final[s],
-            tokens=self.tokens[s],
+            tokens=None if self.tokens is None else self.tokens[s],
             tokens_assumed=self.tokens_assumed,
         )
 
 
-@dataclass
-class Permutations:
-    """The permutations applied to a model: new index i holds old index perm[i]."""
-
-    stream: torch.Tensor
-    ff: List[torch.Tensor]
-    qk: List[List[torch.Tensor]]
-    v: List[List[torch.Tensor]]
-    order: str = "dominant"
-
-    def v_index(self, block: int, d: int, num_heads: int) -> torch.Tensor:
-        dh = d // num_heads
-        return torch.cat([h * dh + p for h, p in enumerate(self.v[block])])
-
-    def to_dict(self) -> dict:
-        return {"stream": self.stream, "ff": list(self.ff), "qk": [list(x) for x in self.qk],
-                "v": [list(x) for x in self.v], "order": self.order}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Permutations":
-        return cls(stream=d["stream"], ff=list(d["ff"]), qk=[list(x) for x in d["qk"]],
-                   v=[list(x) for x in d["v"]], order=d.get("order", "dominant"))
-
-
-def layer_label_sets(sets: RecognizedSets, name: str, head_dim: int):
-    """(out_sets, in_sets) of the encoder linear ``name`` (see the module docstring's table)."""
+def layer_label_sets(sets: RecognizedSets, name: str, head_dim: int, v_sets: str = "node"):
+    """(out_sets, in_sets) of the encoder linear ``name`` (see the module docstring's table):
+    q and k rows use their head's set D_h; v rows their own MHA node's set (``v_sets="node"``)
+    or the head's (``"head"``)."""
     b = _block_of(name)
     if name.endswith("self_attn.qkv"):
-        out = sets.heads[b].repeat_interleave(head_dim, 0).repeat(3, 1)
-        return out, sets.stream_in(b)
+        qk = sets.heads[b].repeat_interleave(head_dim, 0)
+        if v_sets == "node":
+            v = sets.mha[b]
+        elif v_sets == "head":
+            v = qk
+        else:
+            raise ValueError(f"v_sets must be one of {', '.join(V_SETS)}, got {v_sets!r}")
+        if v.shape[0] != qk.shape[0]:
+            raise ValueError(f"{name}: {v.shape[0]} MHA node sets for {qk.shape[0]} v rows")
+        return torch.cat([qk, qk, v]), sets.stream_in(b)
     if name.endswith("self_attn.proj"):
         return sets.stream_mha[b], sets.mha[b]
     if name.endswith("linear1"):
@@ -231,174 +256,73 @@ def apply_permutations(model: nn.Module, perms: Permutations) -> None:
             permute_head_dims(model, b, h, perm_qk=perms.qk[b][h], perm_v=perms.v[b][h])
 
 
-@dataclass
-class PrunePlan:
-    """Everything that defines a pruned model besides its weights."""
-
-    method: str
-    block_size: int
-    block_masks: Dict[str, torch.Tensor]
-    classifier_mask: Optional[torch.Tensor]
-    permutations: Optional[Permutations] = None
-    min_overlap: int = 1
-    density: Optional[Density] = None
-    tau: Optional[float] = None
-    tokens_assumed: bool = False
-    layer_stats: Dict[str, dict] = field(default_factory=dict)
-    #: structured pruning: the kept widths per block, {"0": {"ff": d_ff', "head_dim": d_h'}, ...}
-    #: (the model is a smaller dense CCT; no block masks)
-    structured: Optional[Dict[str, Dict[str, int]]] = None
-
-    def blocks_kept(self) -> Dict[str, int]:
-        return {k: int(v.sum()) for k, v in self.block_masks.items()}
-
-    def to_dict(self) -> dict:
-        """A torch.save-able dict (tensors kept as tensors)."""
-        return {
-            "method": self.method,
-            "block_size": self.block_size,
-            "block_masks": dict(self.block_masks),
-            "classifier_mask": self.classifier_mask,
-            "permutations": self.permutations.to_dict() if self.permutations is not None else None,
-            "min_overlap": self.min_overlap,
-            "density": dict(self.density) if isinstance(self.density, Mapping) else self.density,
-            "tau": self.tau,
-            "tokens_assumed": self.tokens_assumed,
-            "layer_stats": self.layer_stats,
-            "structured": self.structured,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PrunePlan":
-        perms = d.get("permutations")
-        return cls(method=d["method"], block_size=int(d["block_size"]), block_masks=dict(d["block_masks"]),
-                   classifier_mask=d.get("classifier_mask"),
-                   permutations=Permutations.from_dict(perms) if perms is not None else None,
-                   min_overlap=d.get("min_overlap", 1), density=d.get("density"), tau=d.get("tau"),
-                   tokens_assumed=d.get("tokens_assumed", False), layer_stats=d.get("layer_stats", {}),
-                   structured=d.get("structured"))
+def layer_connections(model: nn.Module, sets: RecognizedSets, name: str, rule: AndcRule):
+    """(s, keep) of the encoder linear ``name``: overlap counts s_ji = |D_j ∩ D_i| and the rule's
+    kept connections s_ji >= min_overlap, (out, in) like its weight."""
+    out_sets, in_sets = layer_label_sets(sets, name, model.head_dim, rule.v_sets)
+    scores = overlap_scores(out_sets, in_sets)
+    shape = tuple(model.get_submodule(name).weight.shape)
+    if tuple(scores.shape) != shape:
+        raise ValueError(f"label sets give a {tuple(scores.shape)} score matrix for {name}, whose weight is {shape}")
+    return scores, connection_keep(scores, rule.min_overlap)
 
 
-def _density_for(density: Optional[Density], name: str) -> Optional[float]:
-    if density is None or isinstance(density, (int, float)):
-        return density
-    for key in (name, name.split(".")[-1], name.replace("classifier.", "")):
-        if key in density:
-            return float(density[key])
-    raise KeyError(f"no target density for layer {name} (give a float or a dict keyed by layer name)")
+def rule_stats(scores: torch.Tensor, keep: torch.Tensor, block_mask: torch.Tensor, rule: AndcRule,
+               block_size: int) -> dict:
+    """``connection_keep_fraction`` (connections the rule keeps) and ``captured_fraction`` (the
+    share of the rule's block mass, kept connections for ``kept-fraction`` or kept overlap for
+    ``sum``, that the blocks of ``block_mask`` hold)."""
+    mass = block_reduce(keep.double() if rule.block_score == "kept-fraction" else scores.double() * keep, block_size)
+    total = float(mass.sum())
+    return {"connection_keep_fraction": float(keep.double().mean()),
+            "captured_fraction": float(mass[block_mask].sum()) / total if total > 0 else 0.0}
 
 
-def _andc_masks(model: nn.Module, sets: RecognizedSets, block_size: int, density, tau, min_overlap,
-                use_weights: bool = True):
+def andc_layer_masks(model: nn.Module, sets: RecognizedSets, rule: AndcRule, target: Target,
+                     use_weights: bool = True):
+    """({layer: block mask}, {layer: :func:`rule_stats`}) of every encoder linear of ``model``
+    (already permuted; ``sets`` indexed like it) by ``rule`` at ``target`` (density or tau);
+    ``use_weights``: break score ties by block L1 norm."""
+    B = target.block_size
     masks, stats = {}, {}
     for name in encoder_linear_names(model):
-        weight = model.get_submodule(name).weight.detach().cpu()
-        out_sets, in_sets = layer_label_sets(sets, name, model.head_dim)
-        scores = overlap_scores(out_sets, in_sets)
-        if tuple(scores.shape) != tuple(weight.shape):
-            raise ValueError(f"label sets give a {tuple(scores.shape)} score matrix for {name}, whose weight is {tuple(weight.shape)}")
-        keep = connection_keep(scores, min_overlap)
-        bm = andc_block_mask(scores, keep, block_size, density=_density_for(density, name), tau=tau,
-                             weight=weight if use_weights else None)
-        kept_score = block_reduce(scores.double() * keep, block_size)
-        total = float(kept_score.sum())
-        masks[name] = bm
-        stats[name] = {
-            "connection_keep_fraction": float(keep.double().mean()),
-            "captured_score_fraction": float(kept_score[bm].sum()) / total if total > 0 else 0.0,
-        }
+        scores, keep = layer_connections(model, sets, name, rule)
+        weight = model.get_submodule(name).weight.detach().cpu() if use_weights else None
+        density = None if target.tau is not None else target.layer_density(name)
+        masks[name] = andc_block_mask(scores, keep, B, density=density, tau=target.tau, weight=weight,
+                                      block_score=rule.block_score)
+        stats[name] = rule_stats(scores, keep, masks[name], rule, B)
     return masks, stats
 
 
-def best_andc_permutations(model: nn.Module, sets: RecognizedSets, block_size: int, density, tau,
-                           min_overlap: int = 1, order: str = "auto") -> Permutations:
-    """The label-sorting permutations ANDC uses: ``order`` ("dominant", "lexicographic",
+def best_andc_permutations(model: nn.Module, sets: RecognizedSets, rule: AndcRule, target: Target) -> Permutations:
+    """The label-sorting permutations ANDC uses: ``rule.order`` ("dominant", "lexicographic",
     "identity"), or "auto": try the three, keep the one whose block masks capture the largest
-    share of the kept connections' score over all layers (scores alone; weights only break ties)."""
-    candidates = ["dominant", "lexicographic", "identity"] if order == "auto" else [order]
+    share of the rule's block mass over all layers (scores alone; weights only break ties)."""
+    candidates = ["dominant", "lexicographic", "identity"] if rule.order == "auto" else [rule.order]
     best = None
     for method in candidates:
         p = choose_permutations(model, sets, method)
-        _, stats = _andc_masks(model, sets.permuted(p), block_size, density, tau, min_overlap, use_weights=False)
-        captured = sum(s["captured_score_fraction"] for s in stats.values())
+        _, stats = andc_layer_masks(model, sets.permuted(p), rule, target, use_weights=False)
+        captured = sum(s["captured_fraction"] for s in stats.values())
         if best is None or captured > best[0] + 1e-12:
             best = (captured, p)
     return best[1]
 
 
-def prune_andc(model: nn.Module, sets: Union[RecognizedSets, str, Path, Mapping], block_size: int = 32,
-               density: Optional[Density] = 0.25, tau: Optional[float] = None, min_overlap: int = 1,
-               order: str = "auto", permute: bool = True, prune_classifier: bool = True,
-               classifier_sets: Optional[torch.Tensor] = None):
-    """ANDC-prune a copy of ``model``; returns (pruned model with MaskedLinear layers, PrunePlan).
+def shuffle_label_sets(sets: RecognizedSets, seed: int = 0) -> RecognizedSets:
+    """Each node group's label sets permuted across its nodes (one seeded permutation per
+    group): every node keeps a real label set, but not its own."""
+    g = torch.Generator().manual_seed(int(seed))
 
-    ``density`` (float or {layer name: float}) or ``tau`` selects the block-mask rule (give one;
-    with tau set, density is ignored). ``order``: "dominant", "lexicographic", "identity" or
-    "auto" (try the first three, keep the one whose block masks capture the largest share of
-    the kept connections' score over all layers). ``classifier_sets`` (d, K) replaces the SNP's
-    final-stream sets (e.g. :func:`final_stream_sets` at another threshold).
-    """
-    if not isinstance(sets, RecognizedSets):
-        sets = RecognizedSets.from_snp(sets, num_blocks=len(model.blocks))
-    if classifier_sets is not None:
-        if tuple(classifier_sets.shape) != tuple(sets.final.shape):
-            raise ValueError(f"classifier_sets must have shape {tuple(sets.final.shape)}, got {tuple(classifier_sets.shape)}")
-        sets = dataclasses.replace(sets, final=classifier_sets.to(torch.bool).cpu())
-    if len(sets.ff) != len(model.blocks):
-        raise ValueError(f"label sets describe {len(sets.ff)} blocks, the model has {len(model.blocks)}")
-    if tau is not None:
-        density = None
-    pruned = copy.deepcopy(model)
-    perms = None
-    if permute:
-        perms = best_andc_permutations(pruned, sets, block_size, density, tau, min_overlap, order)
-        apply_permutations(pruned, perms)
-        sets = sets.permuted(perms)
-    masks, stats = _andc_masks(pruned, sets, block_size, density, tau, min_overlap)
-    cls_mask = classifier_keep(sets.final) if prune_classifier else None
-    plan = PrunePlan(method="andc", block_size=block_size, block_masks=masks, classifier_mask=cls_mask,
-                     permutations=perms, min_overlap=min_overlap, density=density, tau=tau,
-                     tokens_assumed=sets.tokens_assumed, layer_stats=stats)
-    apply_masks(pruned, plan)
-    return pruned, plan
+    def sh(x: torch.Tensor) -> torch.Tensor:
+        return x[torch.randperm(x.shape[0], generator=g)]
 
-
-def prune_magnitude(model: nn.Module, block_size: int = 32, density: Optional[Density] = None,
-                    blocks_kept: Optional[Mapping[str, int]] = None, classifier_kept: Optional[int] = None):
-    """Block-magnitude baseline on a copy of ``model`` (no permutation): per encoder linear keep
-    the blocks of largest L1 norm, ``blocks_kept[name]`` of them (the ANDC plan's counts: same
-    per-layer densities) or a ``density``; the classifier keeps its ``classifier_kept`` largest
-    |W| elements (None: classifier left dense)."""
-    if (density is None) == (blocks_kept is None):
-        raise ValueError("give exactly one of density and blocks_kept")
-    pruned = copy.deepcopy(model)
-    masks = {}
-    for name in encoder_linear_names(pruned):
-        w = pruned.get_submodule(name).weight.detach().cpu()
-        if blocks_kept is not None:
-            masks[name] = magnitude_block_mask(w, block_size, n_keep=blocks_kept[name])
-        else:
-            masks[name] = magnitude_block_mask(w, block_size, density=_density_for(density, name))
-    cls_mask = None
-    if classifier_kept is not None:
-        cls_mask = magnitude_element_mask(pruned.classifier.fc.weight.detach().cpu(), classifier_kept)
-    plan = PrunePlan(method="magnitude", block_size=block_size, block_masks=masks, classifier_mask=cls_mask,
-                     density=density)
-    apply_masks(pruned, plan)
-    return pruned, plan
-
-
-def apply_masks(model: nn.Module, plan: PrunePlan) -> nn.Module:
-    """Install the plan's masks in place: every masked encoder linear becomes a MaskedLinear with
-    its block mask, the classifier a MaskedLinear with its element mask."""
-
-    for name, bm in plan.block_masks.items():
-        lin = model.get_submodule(name)
-        _set_submodule(model, name, MaskedLinear.from_linear(lin, block_mask=bm, block_size=plan.block_size))
-    if plan.classifier_mask is not None:
-        fc = model.get_submodule("classifier.fc")
-        _set_submodule(model, "classifier.fc", MaskedLinear.from_linear(fc, mask=plan.classifier_mask))
-    return model
+    return RecognizedSets(heads=[sh(h) for h in sets.heads], mha=[sh(m) for m in sets.mha],
+                          ff=[sh(f) for f in sets.ff], stream_mha=[sh(s) for s in sets.stream_mha],
+                          stream_ff=[sh(s) for s in sets.stream_ff], final=sh(sets.final),
+                          tokens=sets.tokens if sets.tokens is None or sets.tokens_assumed else sh(sets.tokens),
+                          tokens_assumed=sets.tokens_assumed)
 
 
 @torch.no_grad()

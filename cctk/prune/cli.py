@@ -1,18 +1,23 @@
-"""``cctk prune``: prune a trained checkpoint by any method of the scorer API, fine-tune with the
-masks fixed, convert every block-pruned encoder linear to ANDCLinear.
+"""``cctk prune``: prune a trained checkpoint by any method of the registry
+(``cctk.prune.pruner.METHODS``), fine-tune with the masks fixed, convert every block-pruned
+encoder linear to ANDCLinear.
 
     cctk prune --checkpoint CKPT [--snp DIR] --method METHOD --density 0.25 --block-size 32
                --finetune-epochs N --out DIR [--tau T] [--min-overlap M] [--lr LR] [--seed S]
                [--order auto|dominant|lexicographic|identity] [--classifier-threshold TH]
                [--data-dir D] [--device DEV]
 
-Methods (``cctk.prune.workflow.METHODS``): block scorers ``andc``, ``andc-shuffled``,
-``andc-magnitude`` (these need --snp), ``magnitude`` (norm-sorted permutations), ``wanda``
-(calibration: the first 256 training images), ``random``; structured node removal
-``structured`` (SNP-ranked, needs --snp) and ``structured-activation``: whole FF units and head
-dims removed, a smaller dense CCT (``--density`` is then the kept fraction of nodes); and the
-hybrid ``structured-andc`` (needs --snp): SNP-ranked node removal, then ANDC blocks in the
-smaller model, to the linear density ``--density``.
+Methods (the registry ``cctk.prune.pruner.METHODS``): block methods ``andc``, ``andc-shuffled``,
+``andc-magnitude`` and the ablation variants ``andc-old*`` (these need --snp), ``magnitude``
+(norm-sorted permutations), ``wanda`` (calibration: the first 256 training images), ``random``;
+structured node removal ``structured`` (SNP-ranked, needs --snp) and ``structured-activation``:
+whole FF units and head dims removed, a smaller dense CCT (``--density`` is then the kept
+fraction of nodes); and the hybrid ``structured-andc`` (needs --snp): SNP-ranked node removal,
+then ANDC blocks in the smaller model, to the linear density ``--density``.
+
+The ANDC rule (SCIENCE.md 5): ``--block-score kept-fraction|sum``, ``--v-sets node|head``,
+``--token-sets measured|assume-all`` (an SNP directory written before cctk measured the tokens is
+refused unless ``--token-sets assume-all`` asks for the old assumption).
 
 --snp is the `cctk snp` output directory of the same checkpoint (recognised label sets); an SNP
 directory of another checkpoint or model is refused (snp.json records the checkpoint's sha256
@@ -38,13 +43,15 @@ from cctk import data
 from cctk.checkpoint import (atomic_write_files, checkpoint_provenance, is_pruned_checkpoint,
                              load_checkpoint, output_dir)
 from cctk.errors import ConfigError
-from cctk.prune.andc import RecognizedSets, final_stream_means, final_stream_sets
+from cctk.prune.andc import TOKEN_SETS, V_SETS, AndcRule, RecognizedSets, final_stream_means, final_stream_sets
 from cctk.prune.convert import pruned_checkpoint
-from cctk.prune.workflow import METHODS, STRUCTURED_METHODS, data_loaders, prune_and_finetune
+from cctk.prune.masks import BLOCK_SCORES
+from cctk.prune.pruner import METHODS, STRUCTURED_METHODS, PruneSpec, method_rule
+from cctk.prune.workflow import data_loaders, prune_and_finetune
+from cctk.train import evaluate, resolve_device
 
 #: the methods that read the SNP label sets
-SNP_METHODS = ("andc", "andc-shuffled", "andc-magnitude", "structured", "structured-andc")
-from cctk.train import evaluate, resolve_device
+SNP_METHODS = tuple(m.name for m in METHODS.values() if m.needs_sets)
 
 HELP = "prune a checkpoint (ANDC, magnitude, wanda, random, controls, structured), fine-tune, convert"
 
@@ -54,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snp", default=None, metavar="DIR",
                    help="`cctk snp` output directory of the same checkpoint (needed by --method andc)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--method", default="andc", choices=METHODS, help="pruning method (default: andc)")
+    p.add_argument("--method", default="andc", choices=tuple(METHODS),
+                   help="pruning method (default: andc): " + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))
     p.add_argument("--density", type=float, default=0.25,
                    help="target kept fraction of blocks in every encoder linear (structured methods: "
                         "of FF units and head dims)")
@@ -64,6 +72,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=32, choices=(16, 32, 64), help="block side B")
     p.add_argument("--min-overlap", type=int, default=1,
                    help="keep a connection iff its nodes share at least this many recognised labels")
+    p.add_argument("--block-score", default="kept-fraction", choices=BLOCK_SCORES,
+                   help="ANDC block score: the fraction of a block's connections the rule keeps, ties by L1 "
+                        "(kept-fraction, default) or the summed overlap counts (sum, cctk's first rule)")
+    p.add_argument("--v-sets", default="node", choices=V_SETS,
+                   help="label sets of qkv's v rows: the MHA node each produces (node, default) or its head's (head)")
+    p.add_argument("--token-sets", default="measured", choices=TOKEN_SETS,
+                   help="label sets of the stream entering block 0: measured by `cctk snp` (default; SNP results "
+                        "without them are refused) or assume-all (every token channel recognises every label: "
+                        "the old assumption)")
     p.add_argument("--order", default="auto", choices=("auto", "dominant", "lexicographic", "identity"),
                    help="node order used to gather kept connections into blocks")
     p.add_argument("--no-classifier", action="store_true", help="leave the classifier dense")
@@ -132,6 +149,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out {args.out} is a file, not a directory; choose a directory")
 
 
+def _rule(args: argparse.Namespace) -> AndcRule:
+    return AndcRule(min_overlap=max(1, args.min_overlap), block_score=args.block_score, v_sets=args.v_sets,
+                    token_sets=args.token_sets, order=args.order)
+
+
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     device = resolve_device(args.device)
@@ -149,6 +171,12 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise ConfigError(f"--snp {args.snp}: its nodes.npz is damaged or incomplete ({exc}); "
                               f"rerun `cctk snp --checkpoint {args.checkpoint} --out {args.snp}`") from None
+        # the rule reads the token sets (a label-set method, or any block method meeting ANDC's tau densities)
+        rule = method_rule(args.method, _rule(args)) or (_rule(args) if args.tau is not None else None)
+        if rule is not None and rule.token_sets == "measured" and sets.tokens is None:
+            raise ConfigError(f"--snp {args.snp} has no label sets for the tokens (written before cctk measured "
+                              f"them): rerun `cctk snp --checkpoint {args.checkpoint} --out {args.snp}`, or pass "
+                              f"--token-sets assume-all for the old assumption")
     try:
         train_loader, test_loader, num_classes = data_loaders(
             ckpt.get("dataset"), args.data_dir, batch_size=args.batch_size,
@@ -167,12 +195,12 @@ def run(args: argparse.Namespace) -> int:
             classifier_sets = final_stream_sets(model, means, args.classifier_threshold)
         dense_acc = evaluate(model.to(device), test_loader, device)["accuracy"]
         print(f"dense model: accuracy {dense_acc:.4f}")
-        pruned, plan, record = prune_and_finetune(
-            model, args.method, sets, train_loader, test_loader, block_size=args.block_size,
-            density=args.density, tau=args.tau, min_overlap=args.min_overlap, order=args.order,
-            finetune_epochs=args.finetune_epochs, lr=args.lr, device=device, log=print,
-            classifier=not args.no_classifier, classifier_sets=classifier_sets,
-            sparse_finetune=args.sparse_finetune, seed=args.seed)
+        spec = PruneSpec(method=args.method, density=args.density, tau=args.tau, block_size=args.block_size,
+                         rule=_rule(args), classifier=not args.no_classifier, classifier_sets=classifier_sets,
+                         seed=args.seed, finetune_epochs=args.finetune_epochs, lr=args.lr,
+                         sparse_finetune=args.sparse_finetune)
+        pruned, plan, record = prune_and_finetune(model, spec, sets, train_loader, test_loader, device=device,
+                                                  log=print)
         record["dense_accuracy"] = dense_acc
         record["classifier_threshold"] = args.classifier_threshold
         ckpt_path = os.path.join(args.out, "checkpoint.pt")

@@ -20,7 +20,7 @@ from cctk.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, PRUNED_FORMA
                              atomic_save, is_pruned_checkpoint, load_checkpoint)
 from cctk.checkpoint import replace_submodule as _set_submodule
 from cctk.nn import ANDCLinear, MaskedLinear, expand_block_mask
-from cctk.prune.andc import PrunePlan, encoder_linear_names
+from cctk.prune.plan import PrunePlan, encoder_linear_names
 
 __all__ = [
     "PRUNED_FORMAT",

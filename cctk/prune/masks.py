@@ -12,10 +12,13 @@ All functions here work on plain tensors; nothing knows about models.
 * Block masks over square B x B tiles (partial edge tiles are zero-padded), shape
   (ceil(out/B), ceil(in/B)):
     - target density rho: keep the n_keep = round(rho * n_blocks) blocks of highest block score
-      S_RC = sum_{(j,i) in block RC} s_ji * keep_ji (ties broken by the block's weight L1 norm,
-      then by position);
-    - threshold tau: keep every block whose kept fraction (kept connections / real elements of
-      the block) is >= tau and > 0.
+      (ties broken by the block's weight L1 norm, then by position). The block score
+      (``block_score``) is ``"kept-fraction"`` (SCIENCE.md 5, the default): the fraction of the
+      block's connections the rule keeps, F_RC = (kept connections) / (real elements), each kept
+      connection counting once whatever its overlap; or ``"sum"`` (cctk's first choice, kept for
+      the ablation): S_RC = sum_{(j,i) in block RC} s_ji * keep_ji, which favours nodes that
+      recognise many labels and so selects whole rows and columns;
+    - threshold tau: keep every block whose kept fraction F_RC is >= tau and > 0.
 * Baseline: block magnitude, S_RC = sum_{(j,i) in block RC} |W_ji|, keep the same number of
   blocks per layer.
 """
@@ -35,6 +38,9 @@ __all__ = [
     "block_reduce",
     "num_blocks_to_keep",
     "topk_block_mask",
+    "BLOCK_SCORES",
+    "kept_fraction",
+    "andc_block_scores",
     "andc_block_mask",
     "magnitude_block_mask",
     "magnitude_element_mask",
@@ -118,6 +124,29 @@ def topk_block_mask(primary: torch.Tensor, n_keep: int, secondary: Optional[torc
     return mask.view(primary.shape)
 
 
+BLOCK_SCORES = ("kept-fraction", "sum")
+
+
+def kept_fraction(keep: torch.Tensor, block_size: int) -> torch.Tensor:
+    """F_RC = kept connections / real elements of each B x B block (edge blocks: their real size)."""
+    kept = block_reduce(keep.to(torch.float64), block_size)
+    real = block_reduce(torch.ones(keep.shape, dtype=torch.float64), block_size)
+    return kept / real
+
+
+def andc_block_scores(scores: torch.Tensor, keep: torch.Tensor, block_size: int,
+                      block_score: str = "kept-fraction") -> torch.Tensor:
+    """The ANDC score of every block (see the module docstring): ``"kept-fraction"`` F_RC or
+    ``"sum"`` S_RC = sum of s_ji * keep_ji over the block."""
+    if scores.shape != keep.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and keep {tuple(keep.shape)} differ in shape")
+    if block_score == "kept-fraction":
+        return kept_fraction(keep, block_size)
+    if block_score == "sum":
+        return block_reduce(scores.to(torch.float64) * keep, block_size)
+    raise ValueError(f"block_score must be one of {', '.join(BLOCK_SCORES)}, got {block_score!r}")
+
+
 def andc_block_mask(
     scores: torch.Tensor,
     keep: torch.Tensor,
@@ -125,28 +154,25 @@ def andc_block_mask(
     density: Optional[float] = None,
     tau: Optional[float] = None,
     weight: Optional[torch.Tensor] = None,
+    block_score: str = "kept-fraction",
 ) -> torch.Tensor:
     """ANDC block mask from the element scores/keep matrix (see module docstring).
 
-    Exactly one of ``density`` (keep the top round(density * n_blocks) blocks by summed kept
-    score) and ``tau`` (keep every block with kept fraction >= tau) must be given. ``weight``
-    (same shape) breaks score ties by block L1 norm.
+    Exactly one of ``density`` (keep the top round(density * n_blocks) blocks by ``block_score``)
+    and ``tau`` (keep every block with kept fraction >= tau) must be given. ``weight`` (same
+    shape) breaks score ties by block L1 norm.
     """
     if (density is None) == (tau is None):
         raise ValueError("give exactly one of density and tau")
-    if scores.shape != keep.shape:
-        raise ValueError(f"scores {tuple(scores.shape)} and keep {tuple(keep.shape)} differ in shape")
-    kept_score = block_reduce(scores.to(torch.float64) * keep, block_size)
     if tau is not None:
         if not (0.0 <= tau <= 1.0):
             raise ValueError(f"tau must be in [0, 1], got {tau}")
-        kept = block_reduce(keep.to(torch.float64), block_size)
-        real = block_reduce(torch.ones(keep.shape, dtype=torch.float64), block_size)
-        frac = kept / real
-        return (frac >= tau) & (kept > 0)
-    n_keep = num_blocks_to_keep(density, kept_score.numel())
+        frac = kept_fraction(keep, block_size)
+        return (frac >= tau) & (frac > 0)
+    primary = andc_block_scores(scores, keep, block_size, block_score)
+    n_keep = num_blocks_to_keep(density, primary.numel())
     tie = block_reduce(weight.detach().abs(), block_size) if weight is not None else None
-    return topk_block_mask(kept_score, n_keep, tie)
+    return topk_block_mask(primary, n_keep, tie)
 
 
 def magnitude_block_mask(weight: torch.Tensor, block_size: int, density: Optional[float] = None,

@@ -207,9 +207,9 @@ def _words(summary: Dict[str, Any]) -> str:
     won = s["andc_accuracy"] - s["magnitude_accuracy"]
     verdict = ("ANDC beat block magnitude" if won > 0.0025 else
                "block magnitude beat ANDC" if won < -0.0025 else "ANDC and block magnitude tied")
-    tokens_note = (" The tokens entering block 0 were not measured by the SNP pass, so they count as "
-                   "recognising every label: block 0's q/k/v keep every input of a head whose label set "
-                   "is not empty." if andc.get("tokens_assumed_all_labels") else "")
+    tokens_note = (" The tokens entering block 0 were assumed to recognise every label (the old "
+                   "assumption, asked for explicitly): block 0's q/k/v keep every input of a head whose "
+                   "label set is not empty." if andc.get("tokens_assumed_all_labels") else "")
     p = []
     p.append(
         f"<p>A Compact Convolutional Transformer (<b>{model}</b>: {cfg.get('num_layers')} encoder blocks, "
@@ -344,10 +344,10 @@ def render_report(summary: Dict[str, Any], snp_dir: Optional[str] = None) -> str
         for n, d in andc["layers"].items():
             st = andc.get("layer_stats", {}).get(n, {})
             rows.append([_short(n), f"{d:.3f}", f"{st.get('connection_keep_fraction', float('nan')):.3f}",
-                         f"{st.get('captured_score_fraction', float('nan')):.3f}",
+                         f"{st.get('captured_fraction', st.get('captured_score_fraction', float('nan'))):.3f}",
                          f"{mag.get('layers', {}).get(n, float('nan')):.3f}"])
         parts.append(_table(rows, ["layer", "ANDC kept (blocks)", "ANDC-kept connections",
-                                   "kept score captured by blocks", "magnitude kept"]))
+                                   "rule's kept mass captured by blocks", "magnitude kept"]))
         parts.append(f"<p class='note'>Node order chosen: {html.escape(str(andc.get('order')))}; "
                      f"block size {s.get('block_size')}.</p>")
     for b64, alt in ((plot_layer_density(s), "density per layer"), (plot_block_masks(s, "andc"), "ANDC block masks"),

@@ -135,6 +135,10 @@ def format_summary(summary: dict) -> str:
                      f"{snr(m):>6} |     {_f(f['readout_accuracy'])} {_f(f['mean_cluster_size'], '.2f')} "
                      f"{snr(f):>6} |        {_f(head['share_mean'])} {_f(head['null_z'], '6.2f')} "
                      f"{_f(head['p_value'], '.4f')}")
+    tok = summary.get("tokens")
+    if tok is not None:
+        lines.append(f"tokens (stream entering block 0): readout acc {_f(tok['readout_accuracy'])}, "
+                     f"mean |D| {_f(tok['mean_recognized'], '.2f')}")
     fin = summary["final"]
     lines.append(f"final stream: mean |D| {_f(fin['mean_recognized'], '.2f')}, fc weights kept by "
                  f"ANDC {_f(fin['fc_kept_fraction'])}")

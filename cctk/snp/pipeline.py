@@ -9,7 +9,8 @@ Steps (SCIENCE.md sections 3-5):
 2. analysed split (``test`` by default): one measurement pass with :class:`LabelStatsTap` (the
    fused ops): label-conditioned sums of every group, of the final pooled vector p(x), counts,
    the model's accuracy, and (cached case) the readout features for the readout accuracies;
-3. one readout per (block, group), group in mha, ff, stream_mha, stream_ff;
+3. one readout per (block, group), group in mha, ff, stream_mha, stream_ff, and one for the
+   stream entering block 0 (``tokens``: tokenizer output plus positional embedding);
 4. node matrices M_n from the readout weights and the label means, analysed (recognised
    labels, greedy clusters, noise), summarised per sub-block;
 5. heads of each MHA sub-block: coverage, SHP, specialisation and its null model;
@@ -18,11 +19,13 @@ Steps (SCIENCE.md sections 3-5):
 Files written by :func:`save` (schema in the README):
 * ``snp.json``: ``config``, ``model_accuracy``, ``label_counts``, ``blocks`` [{"mha", "ff",
   "stream_mha", "stream_ff"}: summary + ``readout_accuracy``], ``heads`` [one per block],
-  ``stream`` [{"mha": acc, "ff": acc}], ``final``;
+  ``stream`` [{"mha": acc, "ff": acc}], ``tokens`` (the stream entering block 0: summary +
+  ``readout_accuracy``), ``final``;
 * ``nodes.npz``: per block b and group g: ``b{b}_{g}_recognized`` (n, K) bool,
   ``b{b}_{g}_num_clusters`` (n,), ``b{b}_{g}_noise`` (n,), ``b{b}_{g}_cluster_id`` (n, K) int16
   (-1 none, else the node's cluster index holding the label); ``b{b}_heads_recognized`` (H, K),
-  ``b{b}_coverage`` (H, K); ``final_recognized`` (d, K), ``final_num_clusters``,
+  ``b{b}_coverage`` (H, K); ``tokens_recognized`` (d, K), ``tokens_num_clusters``,
+  ``tokens_noise``, ``tokens_cluster_id`` (the stream entering block 0); ``final_recognized`` (d, K), ``final_num_clusters``,
   ``final_noise``, ``final_cluster_id``; ``example_b{b}_{g}_n{n}`` (K, K) example node matrices;
 * plots (PNG): ``node_matrices.png``, ``blocks.png``, ``heads_block{b}.png``.
 """
@@ -43,7 +46,7 @@ from cctk.snp.heads import analyze_heads
 from cctk.snp.matrices import analyze_group, node_matrices, set_matrix, summarize
 from cctk.snp.readout import (ReadoutConfig, make_seqpool_readouts, readout_accuracy, train_readouts,
                               train_readouts_streaming)
-from cctk.snp.stats import GROUPS, LabelStatsTap, collect_label_stats, group_sizes
+from cctk.snp.stats import GROUPS, TOKENS, LabelStatsTap, collect_label_stats, group_sizes, measured_keys
 
 __all__ = ["SNPResult", "run_snp", "save", "load_snp", "load_recognized", "SCHEMA_VERSION"]
 
@@ -81,7 +84,7 @@ def _dataset_len(loader) -> Optional[int]:
 def _feature_dims(model, mode: str) -> dict:
     sizes = group_sizes(model)
     tokens = model.seq_len if mode == "token" else 1
-    return {(b, g): sizes[g] * tokens for b in range(model.num_blocks) for g in GROUPS}
+    return {key: sizes[key[1]] * tokens for key in measured_keys(model.num_blocks)}
 
 
 def _streamed_features(model, loader, num_labels, mode, device):
@@ -228,15 +231,22 @@ def run_snp_thresholds(model, train_loader, test_loader, num_classes: int, thres
         analyses: dict = {}
         blocks, heads_out, stream_acc = [], [], []
         example_blocks = sorted({0, L - 1})
+
+        def place(key, prefix):
+            """One measured place: its readout's node matrices analysed, stored under ``prefix``."""
+            W = _readout_weight(readouts[key], "pooled" if seqpool else readout_mode, sizes[key[1]])
+            means = seq_means[key] if seqpool else stats.means(key).cpu()
+            analysis = analyze_group(W, means, threshold)
+            _store_analysis(arrays, prefix, analysis)
+            return W, means, analysis, dict(readout_accuracy=accuracy[key], **summarize(analysis))
+
+        # the stream entering block 0, measured like every other place (block 0's qkv reads it)
+        _, _, analyses[TOKENS], tokens_entry = place((0, TOKENS), TOKENS)
         for b in range(L):
             entry = {}
             for g in GROUPS:
-                W = _readout_weight(readouts[(b, g)], "pooled" if seqpool else readout_mode, sizes[g])
-                means = seq_means[(b, g)] if seqpool else stats.means((b, g)).cpu()
-                analysis = analyze_group(W, means, threshold)
+                W, means, analysis, entry[g] = place((b, g), f"b{b}_{g}")
                 analyses[(b, g)] = analysis
-                _store_analysis(arrays, f"b{b}_{g}", analysis)
-                entry[g] = dict(readout_accuracy=accuracy[(b, g)], **summarize(analysis))
                 if g in ("mha", "ff") and b in example_blocks:
                     for n in _pick_examples(analysis, example_nodes):
                         arrays[f"example_b{b}_{g}_n{n}"] = node_matrices(W, means, slice(n, n + 1))[0].numpy()
@@ -280,6 +290,7 @@ def run_snp_thresholds(model, train_loader, test_loader, num_classes: int, thres
             "blocks": blocks,
             "heads": heads_out,
             "stream": stream_acc,
+            "tokens": tokens_entry,
             "final": final,
         }
         return SNPResult(summary=_jsonable(summary), arrays=arrays, analyses=analyses)
@@ -340,6 +351,6 @@ def load_snp(out_dir: str) -> SNPResult:
 def load_recognized(out_dir: str) -> dict:
     """The boolean recognised-label matrices of nodes.npz: ``b{b}_{g}_recognized`` (n, K) for g
     in mha, ff, stream_mha, stream_ff; ``b{b}_heads_recognized`` (H, K); ``final_recognized``
-    (d, K)."""
+    (d, K); ``tokens_recognized`` (d, K) (absent in results of cctk before the tokens were measured)."""
     with np.load(os.path.join(out_dir, "nodes.npz")) as z:
         return {k: z[k].astype(bool) for k in z.files if k.endswith("_recognized")}

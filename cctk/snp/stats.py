@@ -6,8 +6,9 @@
 * the MHA nodes o = softmax(q k^T d_h^-1/2) v through ``cctk.ops.attention_label_stats`` and
   the FF nodes h = GELU(x W1^T + b1) through ``cctk.ops.linear_label_stats``: the fused ops
   return the node outputs (which the forward continues with) *and* their per-label sums;
-* the stream nodes (the d channels after each sub-block, ``stream_mha`` / ``stream_ff``), summed
-  per label with ``cctk.ops.label_sum``;
+* the stream nodes (the d channels after each sub-block, ``stream_mha`` / ``stream_ff``, and
+  the stream entering block 0, ``(0, "tokens")``: tokenizer output plus positional embedding),
+  summed per label with ``cctk.ops.label_sum``;
 
 in ``mode="pooled"`` (sums[k, n] = sum over samples of label k of the token mean of node n) or
 ``mode="token"`` (sums[k, t, n], no token mean). Group keys are ``(block, group)`` with group in
@@ -34,11 +35,14 @@ import torch.nn.functional as F
 
 from cctk.models import NodeTap
 
-__all__ = ["GROUPS", "NODE_GROUPS", "LabelStatsTap", "LabelStats", "collect_label_stats",
+__all__ = ["GROUPS", "NODE_GROUPS", "TOKENS", "measured_keys", "LabelStatsTap", "LabelStats", "collect_label_stats",
            "group_sizes", "mha_nodes"]
 
 NODE_GROUPS = ("mha", "ff")                      # the sub-blocks' own nodes
 GROUPS = ("mha", "ff", "stream_mha", "stream_ff")
+#: the stream entering block 0 (tokenizer output + positional embedding): a place measured like
+#: the others (SCIENCE.md section 5), keyed ``(0, TOKENS)``
+TOKENS = "tokens"
 MODES = ("pooled", "token")
 
 
@@ -51,7 +55,13 @@ def mha_nodes(o: torch.Tensor) -> torch.Tensor:
 def group_sizes(model) -> dict:
     """Number of nodes of each group in a block of ``model``."""
     return {"mha": model.num_heads * model.head_dim, "ff": model.ff_dim,
-            "stream_mha": model.embed_dim, "stream_ff": model.embed_dim}
+            "stream_mha": model.embed_dim, "stream_ff": model.embed_dim, TOKENS: model.embed_dim}
+
+
+def measured_keys(num_blocks: int) -> list:
+    """Every measured place: ``(block, group)`` for each block and group of GROUPS, and
+    ``(0, TOKENS)``, the stream entering block 0."""
+    return [(0, TOKENS)] + [(b, g) for b in range(num_blocks) for g in GROUPS]
 
 
 def _fused_ops():
@@ -158,7 +168,7 @@ class LabelStatsTap(NodeTap):
     def stream(self, block, where, x):
         if not self.stream_nodes:
             return None
-        key = (block, "stream_" + where)
+        key = (block, TOKENS if where == TOKENS else "stream_" + where)
         if self.stats:
             self._add(key, self._label_sum(x))
         if self.features:
