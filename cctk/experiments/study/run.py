@@ -216,7 +216,8 @@ class _Study:
 
     def throughput(self, pruned, dense, example):
         dtype = getattr(torch, self.cfg.bench_dtype)
-        fast, fast_dense = optimize(pruned, dtype), optimize(dense, dtype)
+        # tuned at the batch it is timed on (cctk.tune: the choices are remembered per machine)
+        fast, fast_dense = optimize(pruned, dtype, sample_input=example), optimize(dense, dtype, sample_input=example)
         x = example.to(self.device, dtype)
         # interleaved rounds, fastest of each (cctk.timing): pruned and dense see the same machine
         r = models_images_per_s({"pruned": fast, "dense": fast_dense}, x, rounds=self.cfg.bench_rounds)
