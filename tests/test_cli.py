@@ -136,7 +136,7 @@ def test_demo_says_what_it_did(tmp_path, capsys):
     (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent/cctk-data"], "--data-dir"),
     (["train", "--epochs", "0"], "epochs must be >= 1"),
     (["train", "--amp", "fp8"], "amp must be one of"),
-    (["train", "--resume"], "checkpoint not found"),
+    (["train", "--resume", "/nonexistent/cctk/checkpoint.pt"], "checkpoint not found"),
 ])
 def test_train_bad_input(tmp_path, capsys, argv, message):
     out_dir = tmp_path / "out"

@@ -239,8 +239,9 @@ def test_two_runs_into_one_out_the_second_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     with output_dir(out):       # another process's run, alive
         line = run_error(["train", "--out", str(out), "--epochs", "1"] + FAST, capsys)
+        assert sorted(p.name for p in out.iterdir()) == [".cctk.lock"]
     assert "in use by another cctk process" in line
-    assert sorted(p.name for p in out.iterdir()) == [".cctk.lock"]
+    assert not out.exists()     # the lock holder created the directory, wrote nothing: both gone
 
 
 def test_overwrite_replaces_a_finished_run(tmp_path, capsys):
