@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune learning rate")
     p.add_argument("--model", default=None, help="model name (default: the dataset's)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
-    p.add_argument("--block-size", type=int, default=None, help="block size (default: the dataset's)")
+    p.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64),
+                   help="block size (default: the dataset's)")
     p.add_argument("--train-subset", type=int, default=None,
                    help="use the first N training images (training part + validation)")
     p.add_argument("--test-subset", type=int, default=None, help="use the first N test images")
@@ -75,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     if args.device is not None:
         from cctk.train import resolve_device
         resolve_device(args.device)   # an unknown or absent device is a ConfigError
+    from cctk.checkpoint import check_output_dir
+
+    checkpoints = _list(args.checkpoints, str, "checkpoints") if args.checkpoints else None
+    check_output_dir(args.out, "study", reads=checkpoints or ())
     seeds = _list(args.seeds, int, "seeds")
     if len(seeds) == 1 and "," not in args.seeds:
         if seeds[0] < 1:
@@ -91,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                       block_size=args.block_size, train_subset=args.train_subset, test_subset=args.test_subset,
                       val_size=args.val_size, threshold=args.threshold, readout_epochs=args.readout_epochs,
                       readout_optimizer=args.readout_optimizer, classifier_tolerance=args.classifier_tolerance,
-                      checkpoints=_list(args.checkpoints, str, "checkpoints") if args.checkpoints else None,
+                      checkpoints=checkpoints,
                       snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, time_only=args.time_only, data_dir=args.data_dir,
                       device=args.device, progress=not args.no_progress,
                       **({"classifier_scan": ()} if args.dense_classifier else {}))
