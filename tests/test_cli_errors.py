@@ -314,6 +314,9 @@ CASES = [
     ("eval a pruned checkpoint without masks", lambda b: ["eval", "--checkpoint", b.no_masks], "lacks block_masks"),
     ("eval a run directory", lambda b: ["eval", "--checkpoint", b.train], "give the file"),
     ("demo --dataset nosuch", lambda b: ["demo", "--out", b.out, "--dataset", "nosuch"], "unknown dataset"),
+    ("study --model nosuch", lambda b: ["study", "--out", b.out, "--model", "nosuch"], "unknown model"),
+    ("train --resume another run's checkpoint into a run",
+     lambda b: ["train", "--out", b.train, "--resume", b.other_ckpt], "holds another run"),
 ]
 if NO_GPU:
     CASES += [
@@ -445,6 +448,25 @@ def test_a_directory_without_a_checkpoint_holds_no_run(tmp_path, capsys):
         assert m["epochs"] == 1 and m["resumed_from_epoch"] is None
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
         assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "metrics.jsonl"]
+
+
+def test_a_study_directory_without_results_or_checkpoints_holds_no_study(tmp_path):
+    """A study stopped before its first checkpoint keeps no settings a rerun must match."""
+    from cctk.experiments.study_cli import _forget_a_study_that_did_nothing
+
+    out = tmp_path / "study"
+    (out / "seed0" / "train").mkdir(parents=True)
+    (out / "seed0" / "train" / "metrics.jsonl").write_text("")
+    (out / "study_config.json").write_text('{"epochs": 99}')
+    _forget_a_study_that_did_nothing(str(out))
+    assert not (out / "study_config.json").exists()
+    for work in ("seed0/train/checkpoint.pt", "results.csv", "seed1/snp/snp.json"):
+        (out / "study_config.json").write_text('{"epochs": 99}')
+        (out / work).parent.mkdir(parents=True, exist_ok=True)
+        (out / work).write_text("")
+        _forget_a_study_that_did_nothing(str(out))
+        assert (out / "study_config.json").exists(), work
+        (out / work).unlink()
 
 
 def test_full_disk_during_torch_save_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):

@@ -68,6 +68,23 @@ def _list(text: str, kind, what: str):
     return values
 
 
+def _forget_a_study_that_did_nothing(out: str) -> None:
+    """A study directory holds a study (whose settings a rerun must keep) only once it holds a
+    result or a trained checkpoint: one stopped before that (an error, kill -9 in its first
+    training) is started again with whatever settings are given now."""
+    import glob
+    import os
+
+    config = os.path.join(out, "study_config.json")
+    if not os.path.isfile(config):
+        return
+    work = glob.glob(os.path.join(glob.escape(out), "results.csv")) + glob.glob(
+        os.path.join(glob.escape(out), "seed*", "*", "checkpoint.pt")) + glob.glob(
+        os.path.join(glob.escape(out), "seed*", "snp", "snp.json"))
+    if not work:
+        os.unlink(config)
+
+
 def run(args: argparse.Namespace) -> int:
     from cctk.errors import ConfigError
     from cctk.experiments.study import StudyConfig, run_study
@@ -78,8 +95,14 @@ def run(args: argparse.Namespace) -> int:
         resolve_device(args.device)   # an unknown or absent device is a ConfigError
     from cctk.checkpoint import check_output_dir
 
+    if args.model is not None:
+        from cctk.models import list_models
+        if args.model not in list_models():
+            raise ConfigError(f"unknown model {args.model!r}; `cctk models` lists the {len(list_models())} "
+                              f"available names")
     checkpoints = _list(args.checkpoints, str, "checkpoints") if args.checkpoints else None
     check_output_dir(args.out, "study", reads=checkpoints or ())
+    _forget_a_study_that_did_nothing(args.out)
     seeds = _list(args.seeds, int, "seeds")
     if len(seeds) == 1 and "," not in args.seeds:
         if seeds[0] < 1:

@@ -347,6 +347,12 @@ def _out_problem(config: TrainConfig, resuming: bool) -> Optional[str]:
     without --overwrite) the files of another run, which a new run never replaces."""
     if os.path.exists(config.out) and not os.path.isdir(config.out):
         return f"--out {config.out} is a file, not a directory; choose a directory"
+    own = os.path.join(config.out, CHECKPOINT_NAME)
+    source = _resume_path(config)
+    if (resuming and not config.overwrite and os.path.lexists(own) and source is not None
+            and not (os.path.exists(source) and os.path.samefile(source, own))):
+        return (f"--out {config.out} holds another run ({CHECKPOINT_NAME}); resume {source} into its "
+                f"own directory or an empty one, or replace this run with --overwrite")
     if resuming or config.overwrite:
         return None
     # a directory without a checkpoint holds no run (one killed before its first checkpoint,
