@@ -162,6 +162,11 @@ def check_output_dir(out, command: str, reads=(), writes=(), what: str = "--out"
     if kind is not None and kind != command:
         raise CheckpointError(f"{what} {out} holds a `cctk {kind}` run; `cctk {command}` does not write "
                               f"into another command's run: choose a new directory")
+    if kind is None:
+        foreign = [n for n in writes if os.path.lexists(os.path.join(out, n))]
+        if foreign:
+            raise CheckpointError(f"{what} {out} holds {', '.join(foreign)}, not written by a `cctk {command}` "
+                                  f"run; `cctk {command}` would replace it: choose a new directory")
     for r in reads:
         if r is None or not os.path.exists(r):
             continue

@@ -177,6 +177,9 @@ def bad(run, tmp_path):
     b.no_masks = tmp_path / "no_masks.pt"
     torch.save(pk, b.no_masks)
     b.eval_report = tmp_path / "report.json"
+    b.users_onnx = tmp_path / "users"
+    b.users_onnx.mkdir()
+    (b.users_onnx / "model.onnx").write_text("the user's own model")
     return b
 
 
@@ -268,6 +271,8 @@ CASES = [
     ("export --out the training run", lambda b: ["export", "--checkpoint", b.ckpt, "--format", "onnx",
                                                  "--out", b.train], "holds a `cctk train` run"),
     ("study --out the training run", lambda b: ["study", "--out", b.train], "holds a `cctk train` run"),
+    ("export --out a directory holding the user's own model.onnx",
+     lambda b: ["export", "--checkpoint", b.ckpt, "--format", "onnx", "--out", b.users_onnx], "would replace it"),
     ("demo --out the pruned run", lambda b: ["demo", "--out", b.pruned], "holds a `cctk prune` run"),
     # silently wrong: resume changes nothing of what the run is; a pair names one checkpoint;
     # every number in range and finite; non-finite weights refused
