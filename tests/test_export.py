@@ -83,14 +83,15 @@ def test_legacy_onnx_export(models, tmp_path, kind, no_grad):
     _assert_same_logits(_onnx(models[kind], tmp_path / "m.onnx", no_grad, dynamo=False), models[kind])
 
 
-# the dynamo exporter and OpenVINO take seconds per model: every kind once, both grad modes
-# across the kinds (the legacy exporter above covers every pair)
+# the dynamo exporter and OpenVINO take seconds per model: both grad modes across the kinds
+# (the legacy exporter above covers every pair)
 @pytest.mark.parametrize("kind, no_grad", [("dense", True), ("structured", False), ("block-pruned", True)])
 def test_dynamo_onnx_export(models, tmp_path, kind, no_grad):
     _assert_same_logits(_onnx(models[kind], tmp_path / "m.onnx", no_grad, dynamo=True), models[kind])
 
 
-@pytest.mark.parametrize("kind, no_grad", [("dense", False), ("structured", True), ("block-pruned", False)])
+# (the dense model's conversion runs in test_cctk_export, under no_grad)
+@pytest.mark.parametrize("kind, no_grad", [("structured", True), ("block-pruned", False)])
 def test_openvino_convert(models, kind, no_grad):
     with _mode(no_grad), warnings.catch_warnings():
         warnings.simplefilter("ignore")
