@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
                       block_size=args.block_size, train_subset=args.train_subset, test_subset=args.test_subset,
                       val_size=args.val_size, threshold=args.threshold, readout_epochs=args.readout_epochs,
                       readout_optimizer=args.readout_optimizer, classifier_tolerance=args.classifier_tolerance,
-                      checkpoints=checkpoints,
+                      checkpoints=_list(args.checkpoints, str, "checkpoints") if args.checkpoints else None,
                       snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, time_only=args.time_only, data_dir=args.data_dir,
                       device=args.device, progress=not args.no_progress,
                       **({"classifier_scan": ()} if args.dense_classifier else {}))
