@@ -84,8 +84,9 @@ def test_legacy_onnx_export(models, tmp_path, kind, no_grad):
 
 
 # the dynamo exporter and OpenVINO take seconds per model: both grad modes across the kinds
-# (the legacy exporter above covers every pair)
-@pytest.mark.parametrize("kind, no_grad", [("dense", True), ("structured", False), ("block-pruned", True)])
+# (the legacy exporter above covers every pair; a structured model holds the dense model's ops
+# with narrower linears, and OpenVINO below and cctk export run it)
+@pytest.mark.parametrize("kind, no_grad", [("dense", True), ("block-pruned", False)])
 def test_dynamo_onnx_export(models, tmp_path, kind, no_grad):
     _assert_same_logits(_onnx(models[kind], tmp_path / "m.onnx", no_grad, dynamo=True), models[kind])
 
@@ -125,10 +126,10 @@ def test_fused_attention_only_inside_optimize(models, monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind", ["dense", "block-pruned"])
-def test_optimized_model_pickles(models, kind, dtype):
-    fast = cctk.optimize(models[kind], dtype=dtype)
+@pytest.mark.parametrize("kind, dtype, tune", [("dense", torch.float32, False), ("block-pruned", torch.bfloat16, True)],
+                         ids=["dense-fp32", "block-pruned-bf16-tuned"])
+def test_optimized_model_pickles(models, kind, dtype, tune):
+    fast = cctk.optimize(models[kind], dtype=dtype, tune=tune)
     with torch.no_grad():
         ref = fast(X)
     again = pickle.loads(pickle.dumps(fast))
@@ -178,7 +179,7 @@ def _runtime_logits(out_dir, fmt, x):
 @pytest.mark.parametrize("kind, fmt, extra, tol", [
     ("dense", "onnx", [], 1e-4),
     ("dense", "openvino", ["--dtype", "bfloat16", "--batch", "5"], 0.05),
-    ("structured", "openvino", [], 1e-4),
+    ("structured", "onnx", [], 1e-4),
     ("block-pruned", "onnx", ["--batch", "dynamic"], 1e-4),
 ])
 def test_cctk_export(checkpoints, tmp_path, capsys, kind, fmt, extra, tol):
