@@ -14,17 +14,10 @@ import torch
 import cctk
 
 
-def stock_model(model):
-    """The model as stock PyTorch runs it: torch's SDPA attention, nothing of cctk's."""
-    m = copy.deepcopy(model)
-    for sub in m.modules():
-        if hasattr(sub, "fused_attention"):
-            sub.fused_attention = False
-    return m
-
-
 def torch_runner(model, dtype, compile_=False):
-    m = stock_model(model).to(dtype)
+    """Stock PyTorch: a cctk model as built runs torch's own ops (SDPA attention; cctk's fused
+    kernels only inside ``cctk.optimize``), so a copy cast to ``dtype`` is the stock runtime."""
+    m = copy.deepcopy(model).to(dtype)
     if compile_:
         m = torch.compile(m, dynamic=False)
 
@@ -50,7 +43,7 @@ def openvino_runner(model, dtype, x):
         return None, "openvino not installed (pip install cctk[bench])"
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        om = ov.convert_model(stock_model(model), example_input=x)
+        om = ov.convert_model(model, example_input=x)
     hint = "bf16" if dtype == torch.bfloat16 else "f32"
     compiled = ov.Core().compile_model(om, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
                                                    "INFERENCE_NUM_THREADS": torch.get_num_threads()})
@@ -74,7 +67,7 @@ def openvino_int8_runner(model, x, calibration_batches: int = 8):
     calib = [torch.randn(x.shape, generator=g).numpy() for _ in range(calibration_batches)]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        om = ov.convert_model(stock_model(model), example_input=x)
+        om = ov.convert_model(model, example_input=x)
         qm = nncf.quantize(om, nncf.Dataset(calib), subset_size=calibration_batches)
     compiled = ov.Core().compile_model(qm, "CPU", {"PERFORMANCE_HINT": "LATENCY",
                                                    "INFERENCE_NUM_THREADS": torch.get_num_threads()})
@@ -95,7 +88,7 @@ def onnxruntime_runner(model, dtype, x):
     path = os.path.join(tempfile.mkdtemp(prefix="cctk-bench-"), "model.onnx")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(stock_model(model), (x,), path, dynamo=False, opset_version=17, input_names=["x"],
+        torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["x"],
                           output_names=["logits"])
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
@@ -122,7 +115,7 @@ def checked_runs(built: dict, x, dtype):
             continue
         if p[0] not in refs:
             with torch.no_grad():
-                refs[p[0]] = stock_model(model)(x).float()
+                refs[p[0]] = model(x).float()
         ref, out = refs[p[0]], run(x)
         err = (out - ref).abs().max().item()
         rel = 0.25 if str(p[1]).endswith("int8") else (1e-3 if dtype == torch.float32 else 0.05)

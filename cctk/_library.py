@@ -18,3 +18,12 @@ def define(schema: str, ref_impl):
     LIB.define(schema)
     LIB.impl(name, ref_impl, "CompositeExplicitAutograd")
     return getattr(torch.ops.cctk, name)
+
+
+def exporting() -> bool:
+    """True while the model is being traced for export: ``torch.onnx.export`` (either exporter),
+    ``torch.export`` (what the dynamo ONNX exporter and ``openvino.convert_model`` of an
+    ExportedProgram run), or ``torch.jit.trace`` (the legacy ONNX exporter and OpenVINO's
+    TorchScript path). A cctk op that a runtime does not know (``cctk::bsr_linear``, ...) then
+    takes its standard-op form so the exported graph holds only ops every runtime has."""
+    return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_exporting())

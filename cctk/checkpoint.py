@@ -35,7 +35,7 @@ __all__ = [
     "atomic_write", "atomic_save", "atomic_write_text", "atomic_write_files", "output_dir",
     "read_checkpoint", "load_checkpoint", "model_from_config", "build_model",
     "is_pruned_checkpoint", "file_digest", "replace_submodule", "checkpoint_provenance", "plain",
-    "TMP_PREFIX", "LOCK_NAME",
+    "TMP_PREFIX", "LOCK_NAME", "RUN_MARKERS", "run_kind", "check_output_dir",
 ]
 
 CHECKPOINT_FORMAT = "cctk-checkpoint"
@@ -53,6 +53,24 @@ class CheckpointError(ConfigError):
 # atomic writes
 
 
+class _WriteErrors:
+    """A file object that remembers the OSError its ``write`` raised."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def _write_temp(path: str, mode: str, write: Callable[[Any], None]) -> str:
     """Write through ``write(file)`` into a fresh ``mkstemp`` file beside ``path`` and fsync it;
     returns the temporary path (removed again on any failure)."""
@@ -61,7 +79,16 @@ def _write_temp(path: str, mode: str, write: Callable[[Any], None]) -> str:
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + "-", dir=directory)
     try:
         with os.fdopen(fd, mode) as f:
-            write(f)
+            rec = _WriteErrors(f)
+            try:
+                write(rec)
+            except Exception as exc:
+                # torch.save (and other C++ writers) turn a failed write -- a full disk, a
+                # quota -- into a RuntimeError: report the write's own error, naming the file
+                error = exc if isinstance(exc, OSError) else rec.error
+                if error is None or error.filename is not None:
+                    raise
+                raise OSError(error.errno, error.strerror, path) from None
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
@@ -104,6 +131,54 @@ def atomic_write_text(text: str, path) -> None:
     atomic_write(path, "w", lambda f: f.write(text))
 
 
+#: The files that make a directory one command's run, checked in this order (a study or a
+#: prune run also holds files of the kinds below it).
+RUN_MARKERS = (("study", ("study_config.json",)), ("prune", ("prune.json",)),
+               ("snp", ("snp.json", "nodes.npz")), ("export", ("export.json",)),
+               ("demo", ("summary.json",)), ("train", ("checkpoint.pt", "metrics.json", "metrics.jsonl")))
+
+
+def run_kind(path) -> Optional[str]:
+    """Which command's run the directory ``path`` holds (``"train"``, ``"snp"``, ``"prune"``,
+    ``"study"``, ``"demo"``, ``"export"``), or None (missing, empty, or no run's files)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return None
+    for kind, names in RUN_MARKERS:
+        if any(os.path.lexists(os.path.join(path, n)) for n in names):
+            return kind
+    return None
+
+
+def check_output_dir(out, command: str, reads=(), writes=(), what: str = "--out") -> None:
+    """The guard every command passes before anything runs: ``out`` is a directory (or does
+    not exist yet), it holds no other command's run (``cctk <command>`` replaces only its own
+    kind of run, by its own rules), and none of the files the command writes there
+    (``writes``: names in ``out``) is one of its inputs (``reads``: files or directories)."""
+    out = os.fspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"{what} {out} is a file, not a directory; choose a directory")
+    kind = run_kind(out)
+    if kind is not None and kind != command:
+        raise CheckpointError(f"{what} {out} holds a `cctk {kind}` run; `cctk {command}` does not write "
+                              f"into another command's run: choose a new directory")
+    if kind is None:
+        foreign = [n for n in writes if os.path.lexists(os.path.join(out, n))]
+        if foreign:
+            raise CheckpointError(f"{what} {out} holds {', '.join(foreign)}, not written by a `cctk {command}` "
+                                  f"run; `cctk {command}` would replace it: choose a new directory")
+    for r in reads:
+        if r is None or not os.path.exists(r):
+            continue
+        if os.path.isdir(r) and os.path.isdir(out) and os.path.samefile(r, out):
+            raise CheckpointError(f"{what} {out} is the input directory {r}; choose a new directory")
+        for name in writes:
+            target = os.path.join(out, name)
+            if os.path.exists(target) and os.path.samefile(target, r):
+                raise CheckpointError(f"{what} {out}: `cctk {command}` would write {name} over its own "
+                                      f"input {r}; choose another directory")
+
+
 @contextlib.contextmanager
 def output_dir(path, what: str = "--out") -> Iterator[str]:
     """Hold ``path`` (created if missing) as this process's output directory: an exclusive
@@ -115,21 +190,42 @@ def output_dir(path, what: str = "--out") -> Iterator[str]:
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise CheckpointError(f"{what} {path} is a file, not a directory: give a directory")
+    created = not os.path.isdir(path)
     os.makedirs(path, exist_ok=True)
-    fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    lock = os.path.join(path, LOCK_NAME)
+    in_use = CheckpointError(f"{what} {path} is in use by another cctk process; wait for it to "
+                             f"finish or choose another directory")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    locked = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise CheckpointError(f"{what} {path} is in use by another cctk process; wait for "
-                                      f"it to finish or choose another directory") from None
+                raise in_use from None
             raise
+        # the holder before us removes the lock file when it ends: a lock on a file that is no
+        # longer at the path is no lock
+        try:
+            same = os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise in_use
+        locked = True
         for stale in glob.glob(os.path.join(glob.escape(path), TMP_PREFIX + "*")):
             with contextlib.suppress(OSError):
                 os.unlink(stale)
         yield path
     finally:
+        if locked:
+            # leave nothing behind: the lock file goes (while still held), and so does the
+            # directory when this call created it and nothing was written into it
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
         os.close(fd)  # releases the lock
 
 
@@ -151,6 +247,11 @@ def read_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
     the safe loader refuses is refused, never reloaded unsafely). A missing, unreadable, foreign
     or incomplete file is a :class:`CheckpointError`."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = os.path.join(path, "checkpoint.pt")
+        hint = (f"give the file {inside}" if os.path.isfile(inside) else
+                "give a checkpoint.pt written by `cctk train` or `cctk prune`")
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file; {hint}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -172,6 +273,11 @@ def read_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
                               f"checkpoint")
     if "pruning" in ckpt and not isinstance(ckpt["pruning"], dict):
         raise CheckpointError(f"{path}: its 'pruning' entry is damaged")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights (nan or inf in {len(bad)} tensor(s), "
+                              f"first {bad[0]}): the run diverged or the file was damaged; resume or "
+                              f"use an earlier checkpoint, or retrain with a lower --lr")
     return ckpt
 
 
@@ -244,6 +350,11 @@ def build_model(ckpt: Mapping[str, Any]) -> nn.Module:
     CheckpointError."""
     model = model_from_config(ckpt["model_config"])
     if is_pruned_checkpoint(ckpt):
+        missing = [k for k in ("block_size", "block_masks") if k not in ckpt["pruning"]]
+        if missing:
+            raise CheckpointError(f"the checkpoint's pruning record lacks {' and '.join(missing)} (which "
+                                  f"blocks each pruned layer keeps): the file is incomplete or was "
+                                  f"edited; rerun `cctk prune` to write it again")
         try:
             _install_pruned_layers(model, ckpt["pruning"])
         except (KeyError, AttributeError, TypeError, ValueError) as exc:

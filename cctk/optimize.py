@@ -17,8 +17,9 @@ rounding):
   non-decreasing function, and the pool's padding is -inf), so it touches 4x fewer values; on
   the CPU each stage runs as one ``cctk::conv_relu_maxpool`` pass that never writes the
   full-resolution feature map (``fuse_tokenizer``);
-* attention through ``cctk.ops.attention`` (the fused CPU kernel; SDPA where it has none) -- the
-  model's inference path does this by itself when autograd is off;
+* attention through ``cctk.ops.attention`` (the fused CPU kernel; SDPA where it has none): the
+  ``fused_attention`` switch of every CCT attention (a model as built runs stock SDPA, so it
+  exports and converts as it is);
 * in every CCT encoder layer, the GELU and both residual adds as epilogues of the linears
   (``ANDCLinear``: inside the block-sparse kernel; ``nn.Linear``: the plain ops);
 * every last-dimension ``nn.LayerNorm`` as ``cctk.nn.LayerNorm`` (same parameters; inference runs
@@ -52,7 +53,7 @@ import torch.nn as nn
 from cctk import _ext
 from cctk import tune as tune_mod
 
-from cctk.models.cct import CCT, Tokenizer, TransformerEncoderLayer
+from cctk.models.cct import CCT, Attention, Tokenizer, TransformerEncoderLayer
 from cctk.nn.andc_linear import ANDCLinear
 from cctk.nn.fused import OneDNNLinear
 from cctk.nn.fused import onednn_fusion_available as fuse_ok
@@ -104,6 +105,8 @@ def _prepare(m: nn.Module, dtype: torch.dtype, channels_last: bool, fuse_epilogu
                 sub.to(memory_format=torch.channels_last)
         if isinstance(sub, TransformerEncoderLayer):
             sub.fused_epilogues = fuse_epilogues
+        if isinstance(sub, Attention):
+            sub.fused_attention = True
         if isinstance(sub, ANDCLinear):
             sub.inference_fast = True
             sub.prepack()

@@ -29,11 +29,23 @@ def test_top_level_help_lists_commands(capsys):
         cli.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("models", "train", "eval", "demo"):
+    for cmd in cli.COMMAND_MODULES:
         assert cmd in out
 
 
-@pytest.mark.parametrize("cmd", ["models", "train", "eval", "demo"])
+def test_every_command_is_a_module_in_one_registry():
+    """One way to add a command: every command, built-in or not, is a module with
+    add_arguments(parser) and run(args) registered in cli.COMMAND_MODULES."""
+    import importlib
+
+    assert list(cli.COMMAND_MODULES) == ["models", "train", "eval", "demo", "snp", "prune", "study", "export"]
+    for name, modname in cli.COMMAND_MODULES.items():
+        mod = importlib.import_module(modname)
+        assert callable(mod.add_arguments) and callable(mod.run), name
+    assert not [n for n in vars(cli) if n.startswith("cmd_") or n == "_BUILTIN"]
+
+
+@pytest.mark.parametrize("cmd", list(cli.COMMAND_MODULES))
 def test_subcommand_help(cmd, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([cmd, "--help"])
@@ -136,7 +148,7 @@ def test_demo_says_what_it_did(tmp_path, capsys):
     (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent/cctk-data"], "--data-dir"),
     (["train", "--epochs", "0"], "epochs must be >= 1"),
     (["train", "--amp", "fp8"], "amp must be one of"),
-    (["train", "--resume"], "checkpoint not found"),
+    (["train", "--resume", "/nonexistent/cctk/checkpoint.pt"], "checkpoint not found"),
 ])
 def test_train_bad_input(tmp_path, capsys, argv, message):
     out_dir = tmp_path / "out"

@@ -384,9 +384,11 @@ def _tiny_checkpoint(tmp_path):
     atomic_save(ckpt, str(path))
     snp_dir = tmp_path / "snp"
     snp_dir.mkdir()
-    np.savez(snp_dir / "nodes.npz", **{k: v.numpy() for k, v in random_sets(m).items()})
-    # the provenance `cctk snp` records (cctk prune refuses an SNP of another checkpoint)
-    (snp_dir / "snp.json").write_text(json.dumps({"config": checkpoint_provenance(path)}))
+    # the provenance `cctk snp` records in both files (cctk prune refuses an SNP of another checkpoint)
+    provenance = checkpoint_provenance(path)
+    np.savez(snp_dir / "nodes.npz", **{k: v.numpy() for k, v in random_sets(m).items()},
+             checkpoint_sha256=np.array(provenance["checkpoint_sha256"]))
+    (snp_dir / "snp.json").write_text(json.dumps({"config": provenance}))
     return m, path, snp_dir
 
 

@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune learning rate")
     p.add_argument("--model", default=None, help="model name (default: the dataset's)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
-    p.add_argument("--block-size", type=int, default=None, help="block size (default: the dataset's)")
+    p.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64),
+                   help="block size (default: the dataset's)")
     p.add_argument("--train-subset", type=int, default=None,
                    help="use the first N training images (training part + validation)")
     p.add_argument("--test-subset", type=int, default=None, help="use the first N test images")
@@ -89,6 +90,23 @@ def _list(text: str, kind, what: str):
     return values
 
 
+def _forget_a_study_that_did_nothing(out: str) -> None:
+    """A study directory holds a study (whose settings a rerun must keep) only once it holds a
+    result or a trained checkpoint: one stopped before that (an error, kill -9 in its first
+    training) is started again with whatever settings are given now."""
+    import glob
+    import os
+
+    config = os.path.join(out, "study_config.json")
+    if not os.path.isfile(config):
+        return
+    work = glob.glob(os.path.join(glob.escape(out), "results.csv")) + glob.glob(
+        os.path.join(glob.escape(out), "seed*", "*", "checkpoint.pt")) + glob.glob(
+        os.path.join(glob.escape(out), "seed*", "snp", "snp.json"))
+    if not work:
+        os.unlink(config)
+
+
 def run(args: argparse.Namespace) -> int:
     from cctk.errors import ConfigError
     from cctk.experiments.study import StudyConfig, run_study
@@ -97,6 +115,16 @@ def run(args: argparse.Namespace) -> int:
     if args.device is not None:
         from cctk.train import resolve_device
         resolve_device(args.device)   # an unknown or absent device is a ConfigError
+    from cctk.checkpoint import check_output_dir
+
+    if args.model is not None:
+        from cctk.models import list_models
+        if args.model not in list_models():
+            raise ConfigError(f"unknown model {args.model!r}; `cctk models` lists the {len(list_models())} "
+                              f"available names")
+    checkpoints = _list(args.checkpoints, str, "checkpoints") if args.checkpoints else None
+    check_output_dir(args.out, "study", reads=checkpoints or ())
+    _forget_a_study_that_did_nothing(args.out)
     seeds = _list(args.seeds, int, "seeds")
     if len(seeds) == 1 and "," not in args.seeds:
         if seeds[0] < 1:

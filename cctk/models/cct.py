@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cctk._library import exporting
 from cctk.nn.fused import linear_gelu, linear_residual
 from cctk.ops.fused_attention import attention as cctk_attention
 from cctk.ops.conv_pool import conv_relu_maxpool
@@ -217,9 +218,17 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(attention_dropout)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(projection_dropout)
-        # inference (no autograd) runs cctk.ops.attention (the fused CPU kernel; SDPA where it has
-        # none); False keeps torch's scaled_dot_product_attention (stock PyTorch, for comparisons)
-        self.fused_attention = True
+        # Switched on by cctk.optimize (or by hand): inference (no autograd) then runs
+        # cctk.ops.attention, the fused CPU kernel. Off (the default), the model is stock
+        # PyTorch (F.scaled_dot_product_attention) in every mode. Why the fused op lives only
+        # inside cctk.optimize rather than decomposing "when traced": a model as built, trained
+        # or loaded is then an ordinary torch module that torch.onnx.export (both exporters),
+        # torch.export, torch.jit.trace and openvino.convert_model take as it is, with or
+        # without no_grad, with no flag of torch's tracing internals to get right per exporter
+        # (and no "graphs differed across invocations" from a forward that depends on the grad
+        # mode); the fast path is asked for where speed is asked for. An optimized model still
+        # decomposes the op if it is traced for export (cctk._library.exporting).
+        self.fused_attention = False
 
     def split_heads(self, x: torch.Tensor):
         """qkv(x) (B, T, 3 H d_h) -> q, k, v each (B, H, T, d_h)."""
@@ -238,10 +247,11 @@ class Attention(nn.Module):
         if tap is None:
             if p > 0.0:
                 o = attention_with_dropout(q, k, v, p, scale=self.scale)  # reference dropout on the probabilities
-            elif (torch.is_grad_enabled() and x.requires_grad) or not self.fused_attention:
-                o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # training: torch's fused backward
+            elif (not self.fused_attention or (torch.is_grad_enabled() and x.requires_grad)
+                  or exporting()):
+                o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # stock torch; training
             else:
-                o = cctk_attention(q, k, v, scale=self.scale)  # inference: cctk's CPU kernel (else SDPA)
+                o = cctk_attention(q, k, v, scale=self.scale)  # cctk.optimize: cctk's CPU kernel (else SDPA)
         else:
             o = tap.attention(block, q, k, v, p)
         x = o.transpose(1, 2).reshape(B, N, o.shape[1] * o.shape[3])

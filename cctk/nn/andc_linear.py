@@ -12,10 +12,12 @@ import math
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cctk import _ext
-from cctk.ops.block_sparse import (BACKENDS, _check_mask, bsr_linear, bsr_linear_epilogue,
+from cctk._library import exporting
+from cctk.ops.block_sparse import (BACKENDS, _apply_epilogue, _check_mask, bsr_linear, bsr_linear_epilogue,
                                  bsr_to_dense, bsr_transpose_index, check_block_size, dense_to_bsr)
 
 _INDEX_BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices", "block_perm")
@@ -130,11 +132,29 @@ class ANDCLinear(nn.Module):
         """The dense weight W * expand(block_mask), (out_features, in_features)."""
         return bsr_to_dense(self.values, self.crow_indices, self.col_indices, self.out_features, self.in_features)
 
+    def dense_weight_for_export(self) -> torch.Tensor:
+        """:meth:`to_dense` in ops every exporter and runtime has (a gather of the kept blocks
+        and one zero block by a position computed from the mask, then reshapes; no
+        ``searchsorted`` or ``index_put``): the weight an exported ANDCLinear multiplies by."""
+        B = self.block_size
+        nbr, nbc = self.mask.shape
+        flat = self.mask.reshape(-1)
+        # block (r, c) is values[number of kept blocks before it in row-major order], or the zero block
+        position = torch.where(flat, torch.cumsum(flat.to(torch.int64), 0) - 1, self.values.shape[0])
+        blocks = torch.cat([self.values, self.values.new_zeros(1, B, B)])[position]
+        dense = blocks.reshape(nbr, nbc, B, B).permute(0, 2, 1, 3).reshape(nbr * B, nbc * B)
+        return dense[:self.out_features, :self.in_features]
+
     def transposed_index(self):
         """(ccol_indices, row_indices, block_perm): the block-col compressed index of W."""
         return self.ccol_indices, self.row_indices, self.block_perm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if exporting():
+            # traced for export (ONNX, torch.export, OpenVINO): the dense weight with its pruned
+            # blocks as zeros and a standard linear, the one form every runtime runs (it does
+            # not skip the zero blocks)
+            return F.linear(x, self.dense_weight_for_export(), self.bias)
         if isinstance(x, torch.Tensor) and self._direct(x):
             return self.forward_epilogue(x)
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
@@ -156,6 +176,20 @@ class ANDCLinear(nn.Module):
             packed = torch.ops.cctk.bsr_pack(self.values.detach())
         self._packed = (packed, weakref.ref(self.values), self.values._version)
         return True
+
+    def __getstate__(self):
+        # pickle / torch.save(model) / deepcopy: the pre-packed weights hold a weakref (not
+        # picklable) and are derived data; they are left out and made again on load
+        state = super().__getstate__()
+        state = dict(state)
+        state["_packed"] = state.get("_packed") is not None
+        return state
+
+    def __setstate__(self, state):
+        repack = state.get("_packed") is True
+        super().__setstate__(dict(state, _packed=None))
+        if repack:
+            self.prepack()
 
     def _packed_weights(self):
         if self._packed is None:
@@ -179,6 +213,8 @@ class ANDCLinear(nn.Module):
                          residual: torch.Tensor | None = None) -> torch.Tensor:
         """``activation(self(x)) + residual`` in one kernel where the backend has the fused
         epilogue (``cctk.ops.bsr_linear_epilogue``); activation ``"none"`` or ``"gelu"``."""
+        if exporting():
+            return _apply_epilogue(self(x), activation, residual)
         if self._direct(x) and (residual is None or residual.shape == x.shape[:-1] + (self.out_features,)):
             r2 = None if residual is None else residual.reshape(-1, self.out_features)
             y = torch.ops.cctk.bsr_linear_epilogue(x.reshape(-1, self.in_features).contiguous(), self.values,

@@ -37,10 +37,11 @@ import json
 import os
 import zipfile
 
+import numpy as np
 import torch
 
 from cctk import data
-from cctk.checkpoint import (atomic_write_files, checkpoint_provenance, is_pruned_checkpoint,
+from cctk.checkpoint import (atomic_write_files, check_output_dir, checkpoint_provenance, is_pruned_checkpoint,
                              load_checkpoint, output_dir)
 from cctk.errors import ConfigError
 from cctk.prune.andc import TOKEN_SETS, V_SETS, AndcRule, RecognizedSets, final_stream_means, final_stream_sets
@@ -100,14 +101,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_snp_provenance(snp_dir: str, checkpoint: str, ckpt: dict) -> None:
     """Refuse an SNP directory computed from another checkpoint or model: its ``snp.json``
     records the checkpoint's sha256 and model config (``cctk snp`` writes them)."""
+    rerun = f"rerun `cctk snp --checkpoint {checkpoint} --out {snp_dir}`"
     try:
         with open(os.path.join(snp_dir, "snp.json")) as f:
             summary = json.load(f)
         recorded = summary["config"]
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("model_config", {}), dict):
+            raise TypeError("its config is not a record of `cctk snp`")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"--snp {snp_dir}: cannot read its snp.json ({exc}); rerun `cctk snp "
-                          f"--checkpoint {checkpoint} --out {snp_dir}`") from None
+        raise ConfigError(f"--snp {snp_dir}: cannot read its snp.json ({exc}); {rerun}") from None
+    try:
+        with np.load(os.path.join(snp_dir, "nodes.npz")) as z:
+            npz_digest = str(z["checkpoint_sha256"]) if "checkpoint_sha256" in z.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"--snp {snp_dir}: its nodes.npz is damaged or incomplete ({exc}); {rerun}") from None
     mine = checkpoint_provenance(checkpoint, ckpt)
+    if npz_digest is None or npz_digest != recorded.get("checkpoint_sha256"):
+        raise ConfigError(f"--snp {snp_dir}: its nodes.npz and snp.json do not name the same checkpoint "
+                          f"(written by different runs, or by an older cctk); {rerun}")
     if recorded.get("checkpoint_sha256") is None:
         raise ConfigError(f"--snp {snp_dir} records no checkpoint digest (written by an older "
                           f"cctk); rerun `cctk snp --checkpoint {checkpoint} --out {snp_dir}`")
@@ -145,8 +156,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError("--classifier-threshold needs --snp")
         if not 0 <= args.classifier_threshold < 1:
             raise ConfigError(f"--classifier-threshold must lie in [0, 1), got {args.classifier_threshold}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ConfigError(f"--out {args.out} is a file, not a directory; choose a directory")
+    check_output_dir(args.out, "prune", reads=[args.checkpoint, args.snp], writes=["checkpoint.pt", "prune.json"])
 
 
 def _rule(args: argparse.Namespace) -> AndcRule:

@@ -16,10 +16,11 @@ import argparse
 import os
 
 from cctk import data
-from cctk.checkpoint import (checkpoint_provenance, is_pruned_checkpoint, load_checkpoint,
-                             output_dir)
+from cctk.checkpoint import (check_output_dir, checkpoint_provenance, is_pruned_checkpoint,
+                             load_checkpoint, output_dir)
 from cctk.errors import ConfigError
 from cctk.snp.pipeline import run_snp, save
+from cctk.snp.plots import figure_paths
 from cctk.train import resolve_device
 
 HELP = "single-nodal performance (SNP) of a checkpoint's nodes and heads"
@@ -84,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if args.backend == "triton" and device.type != "cuda":
         raise ConfigError(f"--backend triton runs on a CUDA GPU, not on {device}; use --backend "
                           f"auto or torch")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ConfigError(f"--out {args.out} is a file, not a directory; choose a directory")
+    check_output_dir(args.out, "snp", reads=[args.checkpoint], writes=["snp.json", "nodes.npz"])
     model, ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
     if is_pruned_checkpoint(ckpt):
         raise ConfigError(f"{args.checkpoint} is a pruned checkpoint; SNP analyses the dense "
@@ -109,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
                           "dataset_options": (ckpt.get("dataset") or {}).get("dataset_options"),
                           "subset": args.subset, "trained_epochs": ckpt.get("epoch")})
         paths = save(result, args.out, plots=not args.no_plots)
+        # an earlier run's figures that this run did not draw (--no-plots, fewer blocks) go
+        for stale in figure_paths(args.out):
+            if stale not in paths.values():
+                os.unlink(stale)
     print(format_summary(result.summary))
     print(f"wrote {', '.join(sorted(os.path.basename(p) for p in paths.values()))} to {args.out}")
     return 0

@@ -331,8 +331,12 @@ def save(result: SNPResult, out_dir: str, plots: bool = True) -> dict:
              "nodes.npz": os.path.join(out_dir, "nodes.npz")}
     # the pair is replaced together: both new files are complete before either is renamed
     text = json.dumps(result.summary, indent=1, allow_nan=False)
+    arrays = dict(result.arrays)
+    digest = (result.summary.get("config") or {}).get("checkpoint_sha256")
+    if digest is not None:  # both files of the pair name the checkpoint (`cctk prune` checks them)
+        arrays["checkpoint_sha256"] = np.array(digest)
     atomic_write_files({paths["snp.json"]: ("w", lambda f: f.write(text)),
-                        paths["nodes.npz"]: ("wb", lambda f: np.savez_compressed(f, **result.arrays))})
+                        paths["nodes.npz"]: ("wb", lambda f: np.savez_compressed(f, **arrays))})
     if plots:
         from cctk.snp.plots import make_plots
         paths.update(make_plots(result, out_dir))

@@ -16,7 +16,17 @@ import numpy as np
 from cctk.checkpoint import atomic_write
 from cctk.snp.clusters import analyze_matrix
 
-__all__ = ["make_plots"]
+__all__ = ["make_plots", "figure_paths"]
+
+#: the names make_plots writes (glob patterns)
+FIGURES = ("node_matrices.png", "blocks.png", "heads_block*.png")
+
+
+def figure_paths(out_dir: str) -> list:
+    """The SNP figures present in ``out_dir``."""
+    import glob
+
+    return sorted(p for pattern in FIGURES for p in glob.glob(os.path.join(glob.escape(out_dir), pattern)))
 
 
 def _pyplot():

@@ -12,6 +12,7 @@ The ``digits`` and ``fashion-mnist`` presets are this project's own, tuned for q
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -99,12 +100,27 @@ class TrainConfig:
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            for v in (value if isinstance(value, (list, tuple)) else (value,)):
+                need(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be a finite number (got {v})")
         need(self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})")
         need(self.cooldown_epochs >= 0, f"cooldown_epochs must be >= 0 (got {self.cooldown_epochs})")
         need(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
         need(self.eval_batch_size is None or self.eval_batch_size >= 1,
              f"eval_batch_size must be >= 1 (got {self.eval_batch_size})")
         need(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        need(self.warmup_lr >= 0, f"warmup_lr must be >= 0 (got {self.warmup_lr})")
+        need(0 <= self.min_lr <= self.lr, f"min_lr must lie in [0, lr = {self.lr}] (got {self.min_lr})")
+        need(self.warmup_lr <= self.lr, f"warmup_lr must be <= lr = {self.lr} (got {self.warmup_lr})")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             f"betas must be two numbers in [0, 1) (got {tuple(self.betas)})")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            v = getattr(self, name)
+            need(v is None or 0 <= v < 1, f"{name} must lie in [0, 1) (got {v})")
+        need(self.mixup_off_epoch >= 0, f"mixup_off_epoch must be >= 0 (got {self.mixup_off_epoch})")
+        need(self.crop_scale is None or (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1),
+             f"crop_scale must be two numbers 0 < a <= b <= 1 (got {self.crop_scale})")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
         need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0 (got {self.warmup_epochs})")
         need(0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1) (got {self.label_smoothing})")

@@ -308,10 +308,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, devi
 
 
 def _resume_path(config: TrainConfig) -> Optional[str]:
+    """The checkpoint a run continues from, or None for a new run. ``--resume`` with no path
+    (``auto``) continues ``<out>/checkpoint.pt`` when there is one; without it the directory
+    holds no run (a run killed before its first checkpoint), and a new run starts."""
     if config.resume is None:
         return None
     if config.resume in ("auto", "last", "1", "true", "True"):
-        return os.path.join(config.out, CHECKPOINT_NAME)
+        path = os.path.join(config.out, CHECKPOINT_NAME)
+        return path if os.path.lexists(path) else None
     return config.resume
 
 
@@ -338,21 +342,55 @@ def train(config: TrainConfig,
         ctx.close()
 
 
-RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, METRICS_LOG_NAME)
-
-
 def _out_problem(config: TrainConfig, resuming: bool) -> Optional[str]:
     """Why ``--out`` cannot take this run, or None: a file in its place, or (for a new run
     without --overwrite) the files of another run, which a new run never replaces."""
     if os.path.exists(config.out) and not os.path.isdir(config.out):
         return f"--out {config.out} is a file, not a directory; choose a directory"
+    own = os.path.join(config.out, CHECKPOINT_NAME)
+    source = _resume_path(config)
+    if (resuming and not config.overwrite and os.path.lexists(own) and source is not None
+            and not (os.path.exists(source) and os.path.samefile(source, own))):
+        return (f"--out {config.out} holds another run ({CHECKPOINT_NAME}); resume {source} into its "
+                f"own directory or an empty one, or replace this run with --overwrite")
     if resuming or config.overwrite:
         return None
-    found = [n for n in RUN_FILES if os.path.lexists(os.path.join(config.out, n))]
-    if found:
-        return (f"--out {config.out} already holds a run ({', '.join(found)}); continue it with "
+    # a directory without a checkpoint holds no run (one killed before its first checkpoint,
+    # or its checkpoint deleted): a new run starts there, replacing the leftover logs
+    if os.path.lexists(os.path.join(config.out, CHECKPOINT_NAME)):
+        return (f"--out {config.out} already holds a run ({CHECKPOINT_NAME}); continue it with "
                 f"--resume, replace it with --overwrite, or choose another --out")
     return None
+
+
+#: TrainConfig fields a resumed run may change: how long it runs (the schedule is stretched),
+#: where and how it runs and reports. Every other field makes it another run.
+RESUME_MAY_CHANGE = ("epochs", "cooldown_epochs", "device", "progress", "verbose", "num_workers",
+                     "cpu_threads", "eval_every", "save_every", "eval_batch_size", "data_dir",
+                     "download", "resume", "overwrite", "out")
+
+
+def resume_changes(saved: Dict[str, Any], config: TrainConfig) -> List[str]:
+    """The fields of ``config`` that differ from a checkpoint's ``train_config`` and would make
+    the resumed run another run (its data, model, optimisation or randomness)."""
+    now = plain(config.to_dict())
+    old = plain(TrainConfig.from_dict(saved).to_dict())
+    return [k for k in now if k not in RESUME_MAY_CHANGE and now[k] != old.get(k)]
+
+
+def _start_clean(out: str, held: contextlib.ExitStack) -> None:
+    """A new run in ``out``: the logs of an earlier run there (one that never wrote a
+    checkpoint, or --overwrite) go now, and if this run ends before its first checkpoint (an
+    error, a full disk) the log it started goes too: a directory holds a run's files only
+    beside the run's checkpoint."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(out, METRICS_NAME))
+
+    def drop_log_without_checkpoint():
+        if not os.path.lexists(os.path.join(out, CHECKPOINT_NAME)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(out, METRICS_LOG_NAME))
+    held.callback(drop_log_without_checkpoint)
 
 
 def _train(config: TrainConfig, ctx: DistContext, on_epoch_end,
@@ -371,7 +409,7 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end,
         raise ConfigError(problem)
     setup = prepare(config, device)
     if ckpt is not None:
-        _check_resumable(ckpt, setup, resume_from)
+        _check_resumable(ckpt, setup, resume_from, config)
     if ctx.is_main:
         # one run per directory for the run's whole lifetime (a second one is refused, not
         # interleaved); checked again under the lock, which also clears killed writes' temp files
@@ -379,6 +417,8 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end,
         problem = _out_problem(config, ckpt is not None)
         if problem:
             raise ConfigError(problem)
+        if ckpt is None:
+            _start_clean(config.out, held)
     model = setup.model.to(device)
     if ckpt is not None:
         unwrap(model).load_state_dict(ckpt["state_dict"], strict=True)
@@ -569,7 +609,16 @@ def read_resume_checkpoint(path: str) -> Dict[str, Any]:
     return ckpt
 
 
-def _check_resumable(ckpt: Dict[str, Any], setup: Setup, path: str) -> None:
+def _check_resumable(ckpt: Dict[str, Any], setup: Setup, path: str,
+                     config: Optional[TrainConfig] = None) -> None:
+    if config is not None:
+        changed = resume_changes(ckpt["train_config"], config)
+        if changed:
+            old = TrainConfig.from_dict(ckpt["train_config"])
+            what = ", ".join(f"{k} {getattr(old, k)!r} -> {getattr(config, k)!r}" for k in changed)
+            raise ConfigError(f"cannot resume from {path} with other settings ({what}): they change what "
+                              f"the run is; resume with the run's own settings, or start a new run "
+                              f"(another --out, or --overwrite)")
     have = ckpt.get("model_config", {}).get("name")
     if have is not None and have != setup.model_name:
         raise ConfigError(f"cannot resume from {path}: it holds model {have!r}, this run builds "
