@@ -118,8 +118,8 @@ def test_capability_never_reports_amx_without_it():
     if not CPU_HAS_AMX:
         assert "amx" not in cap, cap
     # a cap below AMX is honoured everywhere, and never raises the level
-    for want, allowed in (("avx512_bf16", {"avx512_bf16", "avx512", "avx2", "scalar"}),
-                          ("avx2", {"avx2", "scalar"}), ("scalar", {"scalar"})):
+    # (the avx2 and scalar caps are exercised by the capability tests of each op)
+    for want, allowed in (("avx512_bf16", {"avx512_bf16", "avx512", "avx2", "scalar"}),):
         env = dict(os.environ, CCTK_CPU_CAPABILITY=want)
         proc = subprocess.run([sys.executable, "-c", "import torch, cctk; print(torch.ops.cctk.cpu_capability())"],
                               env=env, capture_output=True, text=True, timeout=120)
