@@ -80,11 +80,13 @@ CASES = [
 ]
 
 
-def _run(cap: str) -> dict:
+def _run(cap: str, script: str = _SCRIPT, cases=CASES) -> dict:
+    """JSON printed by ``script`` (given ``cases``) in a process whose CPU level is ``cap``
+    ("best": the CPU's own; the level is read once per process)."""
     env = dict(os.environ, CCTK_CPU_CAPABILITY=cap)
     if cap == "best":
         env.pop("CCTK_CPU_CAPABILITY")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
@@ -159,13 +161,7 @@ ATTN_CASES = [  # B, H, Tq, Tk, d_h: T = 1, 7, 197, 257; d_h 16..128 (odd ones p
 
 
 def _run_attention(cap: str) -> dict:
-    env = dict(os.environ, CCTK_CPU_CAPABILITY=cap)
-    if cap == "best":
-        env.pop("CCTK_CPU_CAPABILITY")
-    proc = subprocess.run([sys.executable, "-c", _ATTN_SCRIPT, json.dumps(ATTN_CASES)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return _run(cap, _ATTN_SCRIPT, ATTN_CASES)
 
 
 def _check_attention(result: dict) -> None:
