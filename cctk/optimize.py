@@ -28,7 +28,7 @@ rounding):
   kernel's layout (``ANDCLinear.prepack``: no packing per call);
 * ``compile=True``: ``torch.compile`` of the result (cctk's ops are torch.library ops with fake
   kernels, so the graph has no breaks);
-* ``tune=True`` (default, CCT models): never a slower path than the best one this CPU has. Every
+* ``tune=True`` (default, CCT models on the CPU): never a slower path than the best one this CPU has. Every
   part that has equivalent implementations is timed on a sample batch (``sample_input``, default
   32 random images of the model's size) and the fastest kept, once per machine (``cctk.tune``
   caches the choice): per encoder layer, cctk's fused attention or torch's SDPA, and its linears
@@ -272,7 +272,10 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, compile: 
         raise ValueError("this model was already returned by cctk.optimize; optimize the original model "
                          "(or pass inplace=False on the original) instead of optimizing twice")
     is_cct = isinstance(model, CCT)
-    do_tune = bool(tune) and is_cct and tune_mod.enabled()
+    first = next(model.parameters(), None)
+    # the choices are between CPU kernels (a model on a GPU keeps its defaults)
+    on_cpu = first is None or first.device.type == "cpu"
+    do_tune = bool(tune) and is_cct and on_cpu and tune_mod.enabled()
     if sample_input is not None:
         if not isinstance(sample_input, torch.Tensor) or not sample_input.is_floating_point():
             raise TypeError("sample_input must be a floating-point tensor batch of the model's input")
@@ -281,7 +284,7 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, compile: 
     low_precision = dtype in (torch.bfloat16, torch.float16)
     # fp32 arithmetic on the dtype-rounded weights: a candidate where dtype arithmetic is slow
     rounded = None
-    if do_tune and low_precision and next(model.parameters(), None) is not None:
+    if do_tune and low_precision and first is not None:
         rounded = copy.deepcopy(model).to(dtype).to(torch.float32)
     m = _prepare(model if inplace else copy.deepcopy(model), dtype, channels_last, fuse_epilogues, fuse_tokenizer)
     if do_tune:
