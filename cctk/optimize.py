@@ -137,8 +137,9 @@ def _sample_for(model: CCT, batch: int = 32) -> torch.Tensor:
     return torch.randn(batch, model.in_channels, model.img_size, model.img_size, generator=g)
 
 
-def _linear_names(layer: TransformerEncoderLayer):
-    return (("self_attn", "qkv"), ("self_attn", "proj"), (None, "linear1"), (None, "linear2"))
+def _layer_linears(layer: TransformerEncoderLayer):
+    """(owner module, attribute name) of the layer's four linears: qkv, proj, linear1, linear2."""
+    return [(layer.self_attn, "qkv"), (layer.self_attn, "proj"), (layer, "linear1"), (layer, "linear2")]
 
 
 def _describe_linear(lin: nn.Module) -> str:
@@ -152,7 +153,7 @@ def _swap_linears(layer: TransformerEncoderLayer) -> bool:
     """In place: every ANDCLinear of ``layer`` as a dense nn.Linear (its zero blocks included), or
     every nn.Linear as an all-blocks ANDCLinear (cctk's kernel with the fused epilogues). False
     when the layer has nothing to swap (mixed kinds, or dims that fit no block size)."""
-    lins = [(getattr(layer, a) if a else layer, b) for a, b in _linear_names(layer)]
+    lins = _layer_linears(layer)
     kinds = {type(getattr(o, n)) for o, n in lins}
     if kinds == {ANDCLinear}:
         for owner, name in lins:
@@ -166,14 +167,15 @@ def _swap_linears(layer: TransformerEncoderLayer) -> bool:
             setattr(owner, name, dense)
         return True
     if kinds == {nn.Linear} and _ext.available():
+        sizes = []
         for owner, name in lins:
             lin = getattr(owner, name)
             B = next((b for b in (32, 16) if lin.in_features % b == 0 and lin.out_features % b == 0), None)
             if B is None or lin.weight.dtype not in (torch.float32, torch.bfloat16):
                 return False
-        for owner, name in lins:
+            sizes.append(B)
+        for (owner, name), B in zip(lins, sizes):
             lin = getattr(owner, name)
-            B = next(b for b in (32, 16) if lin.in_features % b == 0 and lin.out_features % b == 0)
             mask = torch.ones(-(-lin.out_features // B), -(-lin.in_features // B), dtype=torch.bool)
             a = ANDCLinear.from_dense(lin, mask, B)
             a.requires_grad_(False)
@@ -189,7 +191,7 @@ def _onednn_linears(layer: TransformerEncoderLayer, dtype: torch.dtype) -> bool:
     post-ops of the GEMMs). False when the layer has none or oneDNN cannot run ``dtype`` here."""
     if not fuse_ok(dtype):
         return False
-    lins = [(getattr(layer, a) if a else layer, b) for a, b in _linear_names(layer)]
+    lins = _layer_linears(layer)
     if not all(type(getattr(o, n)) is nn.Linear for o, n in lins):
         return False
     for owner, name in lins:
@@ -231,7 +233,7 @@ def _tune_cct(m: CCT, sample: torch.Tensor) -> dict:
                 if change(v):
                     variants[("" if name == "as-built" else name + "+") + suffix] = v
         sig = (f"encoder-layer d={blk.self_attn.qkv.in_features} heads={blk.self_attn.num_heads} "
-               f"linears={','.join(_describe_linear(getattr(getattr(blk, a) if a else blk, b)) for a, b in _linear_names(blk))} "
+               f"linears={','.join(_describe_linear(getattr(o, n)) for o, n in _layer_linears(blk))} "
                f"attention={'fused' if blk.self_attn.fused_attention else 'sdpa'} "
                f"epilogues={blk.fused_epilogues} {str(dtype).replace('torch.', '')} x={tuple(src.shape)}")
         pick = _time_candidates("encoder-layer", sig, variants, src)
