@@ -987,6 +987,86 @@ void grad_weight_drive(int64_t n_steps, int64_t step_chunk, int64_t out_cols, in
   });
 }
 
+// AVX2 fp32: AT rows a x 16 columns b (two ymm) of one kept block at (a0, c0), over tokens
+// [m0, m1): d[a, b] += sum_m go[m, a] * x[m, b]. The loops over the AT rows are fully unrolled
+// (an accumulator indexed at run time makes GCC keep them in memory). !FULL: the columns past the
+// layer's inputs are read as zero (mask loads), so a partial block's padding stays zero.
+template <int AT, bool FULL>
+CCTK_AVX2 inline void mk_gw_avx2(const float* go, const float* x, int64_t m0, int64_t m1, int64_t ldg,
+                                 int64_t ldx, __m256i m_lo, __m256i m_hi, int64_t ldd, float* d) {
+  __m256 acc[AT][2];
+#pragma GCC unroll 8
+  for (int a = 0; a < AT; ++a) {
+    acc[a][0] = _mm256_loadu_ps(d + a * ldd);
+    acc[a][1] = _mm256_loadu_ps(d + a * ldd + 8);
+  }
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * ldx;
+    const __m256 x0 = FULL ? _mm256_loadu_ps(xr) : _mm256_maskload_ps(xr, m_lo);
+    const __m256 x1 = FULL ? _mm256_loadu_ps(xr + 8) : _mm256_maskload_ps(xr + 8, m_hi);
+    const float* gr = go + m * ldg;
+#pragma GCC unroll 8
+    for (int a = 0; a < AT; ++a) {
+      const __m256 gv = _mm256_broadcast_ss(gr + a);
+      acc[a][0] = _mm256_fmadd_ps(gv, x0, acc[a][0]);
+      acc[a][1] = _mm256_fmadd_ps(gv, x1, acc[a][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int a = 0; a < AT; ++a) {
+    _mm256_storeu_ps(d + a * ldd, acc[a][0]);
+    _mm256_storeu_ps(d + a * ldd + 8, acc[a][1]);
+  }
+}
+
+template <bool FULL>
+CCTK_AVX2 inline void gw_avx2_rows(int64_t av, const float* go, const float* x, int64_t m0, int64_t m1, int64_t ldg,
+                                   int64_t ldx, __m256i lo, __m256i hi, int64_t ldd, float* d) {
+  switch (av) {
+    case 6: return mk_gw_avx2<6, FULL>(go, x, m0, m1, ldg, ldx, lo, hi, ldd, d);
+    case 5: return mk_gw_avx2<5, FULL>(go, x, m0, m1, ldg, ldx, lo, hi, ldd, d);
+    case 4: return mk_gw_avx2<4, FULL>(go, x, m0, m1, ldg, ldx, lo, hi, ldd, d);
+    case 3: return mk_gw_avx2<3, FULL>(go, x, m0, m1, ldg, ldx, lo, hi, ldd, d);
+    case 2: return mk_gw_avx2<2, FULL>(go, x, m0, m1, ldg, ldx, lo, hi, ldd, d);
+    default: return mk_gw_avx2<1, FULL>(go, x, m0, m1, ldg, ldx, lo, hi, ldd, d);
+  }
+}
+
+// One unit of the AVX2 weight gradient: av (<= 6) rows x kv (<= 16) columns at d, over tokens
+// [m0, m1). Scalar arguments only: it is called from code compiled without AVX2.
+CCTK_AVX2 void gw_avx2_unit(int64_t av, int64_t kv, const float* go, const float* x, int64_t m0, int64_t m1,
+                            int64_t ldg, int64_t ldx, int64_t ldd, float* d) {
+  alignas(32) int32_t lanes[16];
+  for (int j = 0; j < 16; ++j) lanes[j] = j < kv ? -1 : 0;
+  const __m256i lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+  const __m256i hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + 8));
+  if (kv == 16) gw_avx2_rows<true>(av, go, x, m0, m1, ldg, ldx, lo, hi, ldd, d);
+  else gw_avx2_rows<false>(av, go, x, m0, m1, ldg, ldx, lo, hi, ldd, d);
+}
+
+// The AVX2 weight gradient (B a multiple of 16): units (kept block, 6-row tile, 16-column tile),
+// the tiles of a block next to each other (they share its x columns), split over the threads once;
+// each thread walks the tokens in cache-sized chunks and, per chunk, all its units.
+void grad_weight_f32_avx2(const float* go, const float* x, int64_t M, int64_t out_cols, int64_t in_cols, int64_t B,
+                          const int32_t* rows, const int32_t* cols, int64_t nnz, float* dV) {
+  constexpr int64_t AT = 6, CHUNK = 512;
+  const int64_t n_at = cdiv(B, AT), n_ct = B / 16, per = n_at * n_ct;
+  at::parallel_for(0, nnz * per, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t s0 = 0; s0 < M; s0 += CHUNK) {
+      const int64_t s1 = std::min(M, s0 + CHUNK);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t i = u / per, t = u % per, a0 = (t / n_ct) * AT, c0 = (t % n_ct) * 16;
+        const int64_t r = rows[i], c = cols[i];
+        const int64_t av = std::min({AT, B - a0, out_cols - r * B - a0});
+        const int64_t kv = std::min<int64_t>(16, in_cols - c * B - c0);
+        if (av <= 0 || kv <= 0) continue;  // padding rows / columns of a partial block stay zero
+        gw_avx2_unit(av, kv, go + r * B + a0, x + c * B + c0, s0, s1, out_cols, in_cols, B,
+                     dV + i * B * B + a0 * B + c0);
+      }
+    }
+  });
+}
+
 template <int NV>
 void grad_weight_f32_avx512(const float* go, const float* x, int64_t M, int64_t out_cols, int64_t in_cols,
                             const int32_t* rows, const int32_t* cols, int64_t nnz, float* dV) {
@@ -1064,6 +1144,15 @@ at::Tensor bsr_linear_backward_weight_cpu(const at::Tensor& grad_out_, const at:
       else if (B == 32) grad_weight_f32_avx512<2>(g, xp, M, out_cols, in_cols, rows.data(), ci, nnz, d);
       else grad_weight_f32_avx512<4>(g, xp, M, out_cols, in_cols, rows.data(), ci, nnz, d);
     }
+    return st == at::kFloat ? dV : dV.to(st);
+  }
+  if ((st == at::kFloat || st == at::kBFloat16) && cap >= Capability::AVX2 && B % 16 == 0) {
+    // below AVX-512 (bf16 has no arithmetic units there: converted once, rounded at the end)
+    auto go32 = go.to(at::kFloat), x32 = x.to(at::kFloat);
+    auto dV = at::zeros({nnz, B, B}, x.options().dtype(at::kFloat));
+    if (nnz > 0 && M > 0)
+      grad_weight_f32_avx2(go32.data_ptr<float>(), x32.data_ptr<float>(), M, out_cols, in_cols, B, rows.data(), ci,
+                           nnz, dV.data_ptr<float>());
     return st == at::kFloat ? dV : dV.to(st);
   }
 #endif
