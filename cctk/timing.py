@@ -8,6 +8,7 @@ comparison cctk reports is ``interleaved_times`` -> ``fastest`` ratios, in one p
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from typing import Any, Callable, Dict, Mapping
@@ -85,6 +86,45 @@ def timing_machine(device: torch.device | str | None = None) -> str:
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
     return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def _cpu_times():
+    """(busy, total) CPU time of the whole machine in seconds (``/proc/stat``), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 5:
+        return None
+    ticks = [int(v) for v in fields[1:9]]   # user nice system idle iowait irq softirq steal
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = sum(ticks) / hz
+    idle = (ticks[3] + (ticks[4] if len(ticks) > 4 else 0)) / hz
+    return total - idle, total
+
+
+class OtherLoad:
+    """The share of the machine's CPU time other processes used while the ``with`` block ran:
+    the whole machine's busy time (``/proc/stat``, steal included: another guest on the host)
+    minus this process's own CPU time, over the block's CPU capacity. ``fraction`` is None where
+    ``/proc/stat`` is missing or the block was too short to tell (under 50 ms). A choice timed
+    while ``fraction`` is high was made against a machine that will not be there later."""
+
+    fraction: float | None = None
+
+    def __enter__(self) -> "OtherLoad":
+        self._machine, self._self, self._wall = _cpu_times(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end, own, wall = _cpu_times(), time.process_time(), time.perf_counter()
+        if self._machine is None or end is None or wall - self._wall < 0.05:
+            self.fraction = None
+            return
+        busy = end[0] - self._machine[0]
+        capacity = max(end[1] - self._machine[1], 1e-9)
+        self.fraction = min(1.0, max(0.0, (busy - (own - self._self)) / capacity))
 
 
 def images_per_s(seconds: list, batch: int) -> float:

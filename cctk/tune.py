@@ -10,7 +10,10 @@ remembers the winner for this machine, in memory and in a JSON file
 (``$CCTK_CACHE_DIR/tune.json``, default ``~/.cache/cctk``), keyed by the CPU model, the kernels'
 instruction set, the torch version and the thread count. ``CCTK_TUNE=0`` turns measuring off: the
 first candidate (the default) is taken. A missing, unreadable or corrupt cache file costs only a
-re-measurement; a read-only cache directory keeps the choices in memory.
+re-measurement; a read-only cache directory keeps the choices in memory. A choice measured while
+other processes used more than ``BUSY_LIMIT`` of the CPUs (:class:`cctk.timing.OtherLoad`) is
+used by this process but not written to the file (with a warning): a quiet machine later measures
+again instead of inheriting a loaded machine's choice.
 """
 from __future__ import annotations
 
@@ -23,10 +26,13 @@ from typing import Any, Callable, Mapping
 import torch
 
 from cctk import _ext
-from cctk.timing import cpu_model, interleaved_times
+from cctk.timing import OtherLoad, cpu_model, interleaved_times
 
 _MEMORY: dict = {}
+_UNSAVED: dict = {}   # choices measured under load: this process only
 _LOADED: dict = {"path": None}
+#: the share of the CPUs other processes may use while a choice is measured for it to be cached
+BUSY_LIMIT = 0.25
 
 
 def enabled() -> bool:
@@ -83,7 +89,8 @@ def _save() -> None:
 
 def cached(kind: str, signature: str) -> str | None:
     _load()
-    return _MEMORY.get(machine_key(), {}).get(f"{kind} | {signature}")
+    key = f"{kind} | {signature}"
+    return _MEMORY.get(machine_key(), {}).get(key) or _UNSAVED.get(machine_key(), {}).get(key)
 
 
 def choose(kind: str, signature: str, candidates: Mapping[str, Callable[[], Any]], rounds: int = 5,
@@ -104,7 +111,7 @@ def choose(kind: str, signature: str, candidates: Mapping[str, Callable[[], Any]
     if hit in candidates:
         return hit
     probes = probes or candidates
-    with torch.no_grad():
+    with torch.no_grad(), OtherLoad() as load:
         first = {name: min(t) for name, t in interleaved_times({n: probes[n] for n in names}, rounds=1,
                                                                  warmup=0).items()}
         best = min(first.values())
@@ -114,6 +121,12 @@ def choose(kind: str, signature: str, candidates: Mapping[str, Callable[[], Any]
             winner = min(alive, key=lambda n: min(times[n]))
         else:
             winner = next(iter(alive))
+    if load.fraction is not None and load.fraction > BUSY_LIMIT:
+        _UNSAVED.setdefault(machine_key(), {})[f"{kind} | {signature}"] = winner
+        warnings.warn(f"cctk: {kind} chosen while other processes used {100 * load.fraction:.0f}% of the CPUs; "
+                      f"the choice ({winner}) holds for this process only and is not cached: tune on a quiet "
+                      f"machine to remember it", RuntimeWarning, stacklevel=2)
+        return winner
     _MEMORY.setdefault(machine_key(), {})[f"{kind} | {signature}"] = winner
     _save()
     return winner
@@ -122,4 +135,5 @@ def choose(kind: str, signature: str, candidates: Mapping[str, Callable[[], Any]
 def forget() -> None:
     """Drop the choices held in memory (the cache file is kept): the next choices are re-read or re-measured."""
     _MEMORY.clear()
+    _UNSAVED.clear()
     _LOADED["path"] = None

@@ -17,6 +17,9 @@ from cctk.timing import cpu_flags
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("CCTK_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("CCTK_TUNE", raising=False)
+    # these tests check what is cached, whatever else the machine runs meanwhile (the load rule
+    # has its own tests below)
+    monkeypatch.setattr(tune, "BUSY_LIMIT", 1.0)
     tune.forget()
     yield tmp_path
     tune.forget()
@@ -45,6 +48,81 @@ def test_choose_picks_the_fastest_and_remembers_it(cache_dir, monkeypatch):
     tune.forget()  # a new process: the file answers
     assert tune.choose("demo", "sig-1", cands) == "fast"
     assert calls == []
+
+
+class _Loaded:
+    """An OtherLoad that reports a fixed share of the CPUs used by other processes."""
+
+    def __init__(self, fraction):
+        self.fraction = fraction
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def test_a_choice_measured_under_load_is_used_but_not_cached(cache_dir, monkeypatch):
+    monkeypatch.setattr(tune, "BUSY_LIMIT", 0.25)
+    monkeypatch.setattr(tune, "OtherLoad", _Loaded(0.6))
+    calls = _counting(monkeypatch)
+    cands = {"slow": lambda: time.sleep(0.02), "fast": lambda: time.sleep(0.001)}
+    with pytest.warns(RuntimeWarning, match="60% of the CPUs.*not cached"):
+        assert tune.choose("demo", "sig-load", cands) == "fast"
+    assert not (cache_dir / "tune.json").exists()
+    calls.clear()
+    assert tune.choose("demo", "sig-load", cands) == "fast"   # this process keeps it
+    assert calls == []
+    tune.forget()   # a new process on a quiet machine measures again, and caches
+    monkeypatch.setattr(tune, "OtherLoad", _Loaded(0.05))
+    assert tune.choose("demo", "sig-load", cands) == "fast"
+    assert calls, "a choice not cached must be measured again by the next process"
+    assert json.loads((cache_dir / "tune.json").read_text())[tune.machine_key()]["demo | sig-load"] == "fast"
+
+
+def test_other_load_subtracts_this_process(monkeypatch):
+    """The machine busy 3 of 4 CPU-seconds, 1 of them this process's: others used half."""
+    from cctk import timing
+    machine = iter([(10.0, 100.0), (13.0, 104.0)])     # (busy, total) CPU seconds
+    own = iter([5.0, 6.0])
+    wall = iter([0.0, 2.0])
+    monkeypatch.setattr(timing, "_cpu_times", lambda: next(machine))
+    monkeypatch.setattr(timing.time, "process_time", lambda: next(own))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(wall))
+    with timing.OtherLoad() as load:
+        pass
+    assert load.fraction == pytest.approx(0.5)
+
+
+def test_other_load_sees_processes_spinning_on_every_cpu():
+    import subprocess
+    import sys
+    from cctk import timing
+    if timing._cpu_times() is None:
+        pytest.skip("no /proc/stat on this platform: OtherLoad reports None (next test)")
+    n = os.cpu_count() or 1
+    spin = "import time\nt=time.perf_counter()\nwhile time.perf_counter()-t<1.5: pass\n"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(n)]
+    try:
+        time.sleep(0.3)
+        with timing.OtherLoad() as busy:
+            time.sleep(0.6)
+    finally:
+        for p in procs:
+            p.wait()
+    assert busy.fraction is not None and busy.fraction > 0.5, busy.fraction
+
+
+def test_other_load_without_proc_stat_is_none(monkeypatch):
+    from cctk import timing
+    monkeypatch.setattr(timing, "_cpu_times", lambda: None)
+    with timing.OtherLoad() as load:
+        time.sleep(0.06)
+    assert load.fraction is None
 
 
 def test_a_much_slower_candidate_runs_once(cache_dir, monkeypatch):
