@@ -123,9 +123,11 @@ def choose(kind: str, signature: str, candidates: Mapping[str, Callable[[], Any]
             winner = next(iter(alive))
     if load.fraction is not None and load.fraction > BUSY_LIMIT:
         _UNSAVED.setdefault(machine_key(), {})[f"{kind} | {signature}"] = winner
-        warnings.warn(f"cctk: {kind} chosen while other processes used {100 * load.fraction:.0f}% of the CPUs; "
-                      f"the choice ({winner}) holds for this process only and is not cached: tune on a quiet "
-                      f"machine to remember it", RuntimeWarning, stacklevel=2)
+        if not _LOADED.get("warned"):   # once per process (a model has a dozen choices)
+            _LOADED["warned"] = True
+            warnings.warn(f"cctk: {kind} chosen while other processes used {100 * load.fraction:.0f}% of the "
+                          f"CPUs; choices measured under such load hold for this process only and are not "
+                          f"cached: tune on a quiet machine to remember them", RuntimeWarning, stacklevel=2)
         return winner
     _MEMORY.setdefault(machine_key(), {})[f"{kind} | {signature}"] = winner
     _save()
@@ -137,3 +139,4 @@ def forget() -> None:
     _MEMORY.clear()
     _UNSAVED.clear()
     _LOADED["path"] = None
+    _LOADED["warned"] = False

@@ -119,7 +119,7 @@ def test_retime_fills_missing_images_per_s(digits_study, tmp_path):
     study.write_rows(os.path.join(out, "results.csv"), rows)
     # a results.csv written before the timed_on column resumes
     old_fields = [k for k in study.RESULT_FIELDS if k not in ("timed_on", "block_score", "v_sets", "token_sets",
-                                                           "finetune_epochs")]
+                                                           "finetune_epochs", "timing_other_load")]
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=old_fields, extrasaction="ignore")
         w.writeheader()
@@ -133,6 +133,34 @@ def test_retime_fills_missing_images_per_s(digits_study, tmp_path):
         assert (a["seed"], a["method"], a["accuracy"], a["model_digest"]) == (r["seed"], r["method"], r["accuracy"], r["model_digest"])
         assert float(a["images_per_s"]) > 0
         assert a["timed_on"] if r["method"] == "wanda" else a["timed_on"] == ""   # old rows: not known
+
+
+def test_time_only_retimes_rows_timed_under_load_and_retime_all(digits_study, tmp_path):
+    """--time-only times again the rows whose timing shared the CPUs with other processes (their
+    recorded share above cctk.tune.BUSY_LIMIT) and leaves the others; --retime times every cell
+    of the command's methods again. Accuracies never change."""
+    import shutil
+    out = str(tmp_path / "l")
+    shutil.copytree(digits_study, out)
+    rows = _rows(out)
+    for r in rows:
+        r["images_per_s"] = "1.0"   # a sentinel no real timing gives
+        r["timing_other_load"] = "0.8" if r["method"] == "random" else "0.0"
+    study.write_rows(os.path.join(out, "results.csv"), rows)
+    assert main(TINY + ["--methods", "all", "--time-only", "--out", out]) == 0
+    after = {(a["seed"], a["method"], a["density"]): a for a in _rows(out)}
+    for r in rows:
+        a = after[r["seed"], r["method"], r["density"]]
+        assert a["accuracy"] == r["accuracy"] and a["model_digest"] == r["model_digest"]
+        if r["method"] == "random":
+            assert float(a["images_per_s"]) != 1.0 and a["timing_other_load"] != "0.8"
+        else:
+            assert a["images_per_s"] == "1.0" and a["timing_other_load"] == "0.0"
+    assert main(TINY + ["--methods", "magnitude", "--time-only", "--retime", "--out", out]) == 0
+    again = _rows(out)
+    assert {a["method"] for a in again if a["images_per_s"] == "1.0"} == set(ALL_METHODS) - {"random", "magnitude"}
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["timed_under_load"] == sum(float(a["timing_other_load"] or 0) > 0.25 for a in again)
 
 
 def test_study_cell_models_rebuilds_cells_and_writes_nothing(digits_study):
@@ -190,6 +218,7 @@ def test_holm_and_paired_statistics():
     (["--finetune-subset", "0"], "finetune-subset"),
     (["--device", "bogus"], "device"),
     (["--workers", "0"], "workers"),
+    (["--retime"], "--retime goes with --time-only"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/cctk-data"], "cifar10"),  # missing data
 ])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, bad, msg):

@@ -73,7 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="processes running cells at once (one thread each on this CPU); images/s are then "
                         "timed after the cells, with nothing else running")
     p.add_argument("--time-only", action="store_true",
-                   help="run no new cell: time the finished cells that have no images/s yet and write the summary")
+                   help="run no new cell: time the finished cells that have no images/s yet, or were timed while "
+                        "other processes held over a quarter of the CPUs, and write the summary")
+    p.add_argument("--retime", action="store_true",
+                   help="with --time-only: time every finished cell again (e.g. on another machine)")
     p.add_argument("--data-dir", default=None, help="dataset directory")
     p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                       readout_optimizer=args.readout_optimizer, classifier_tolerance=args.classifier_tolerance,
                       checkpoints=_list(args.checkpoints, str, "checkpoints") if args.checkpoints else None,
                       models_from=_list(args.models_from, str, "models-from") if args.models_from else None, block_score=args.block_score, v_sets=args.v_sets,
-                      token_sets=args.token_sets, compare_with=args.compare_with, snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, time_only=args.time_only, data_dir=args.data_dir,
+                      token_sets=args.token_sets, compare_with=args.compare_with, snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, time_only=args.time_only, retime=args.retime, data_dir=args.data_dir,
                       device=args.device, progress=not args.no_progress,
                       **({"classifier_scan": ()} if args.dense_classifier else {}))
     summary = run_study(cfg)

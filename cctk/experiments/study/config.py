@@ -61,6 +61,7 @@ class StudyConfig:
     bench_dtype: str = "float32"
     workers: int = 1                        # processes running cells (images/s timed after, quietly)
     time_only: bool = False                 # run no cell: time finished cells lacking images/s, summarise
+    retime: bool = False                    # with time_only: time every finished cell again
     checkpoints: Optional[Sequence[str]] = None
     models_from: Optional[Sequence[str]] = None   # study directories whose seed{s}/train models to reuse
     compare_with: Optional[str] = None      # another study (e.g. another fine-tune budget, same models): the
@@ -110,6 +111,7 @@ class StudyConfig:
         need(self.calibration_images >= 1 and self.bench_batch >= 1 and self.bench_rounds >= 1,
              "calibration images, bench batch and bench rounds must be >= 1")
         need(1 <= self.workers <= 64, f"workers must lie in [1, 64], got {self.workers}")
+        need(not self.retime or self.time_only, "--retime goes with --time-only (it times finished cells, runs none)")
         need(self.bench_dtype in ("float32", "bfloat16", "float16"), f"bench dtype {self.bench_dtype!r}")
         need(self.block_score in BLOCK_SCORES, f"block score must be one of {', '.join(BLOCK_SCORES)}")
         need(self.v_sets in V_SETS, f"v sets must be one of {', '.join(V_SETS)}")
@@ -205,4 +207,4 @@ def block_size(cfg: StudyConfig) -> int:
 
 def resumable_dict(cfg: StudyConfig) -> Dict[str, Any]:
     """What ``study_config.json`` records (every setting but the sitting's own)."""
-    return {k: v for k, v in cfg.as_dict().items() if k not in ("progress", "verbose", "device", "out")}
+    return {k: v for k, v in cfg.as_dict().items() if k not in ("progress", "verbose", "device", "out", "retime")}

@@ -22,16 +22,19 @@ from cctk.checkpoint import atomic_write_text
 from cctk.errors import ConfigError
 from cctk.experiments.study.config import LEGACY_DEFAULTS, PRIMARY, RULE_FIELDS, StudyConfig
 from cctk.prune.pruner import METHODS
+from cctk.tune import BUSY_LIMIT
 
 __all__ = ["RESULT_FIELDS", "REQUIRED_FIELDS", "read_rows", "write_rows", "merge_row", "cell_key", "cells", "done",
-           "todo", "tier", "cell_order", "claim", "results_lock", "run_workers"]
+           "todo", "tier", "cell_order", "claim", "results_lock", "run_workers", "timed_under_load"]
 
 RESULT_FIELDS = ["seed", "method", "density", "accuracy", "accuracy_before_finetune", "images_per_s",
                  "dense_images_per_s", "linear_density", "classifier_density", "connection_keep_fraction",
                  "dense_accuracy", "classifier_threshold", "finetune_seconds", "model_digest", "timed_on",
-                 *RULE_FIELDS, "finetune_epochs"]
-# columns every results.csv has (``timed_on`` and the rule's came later: older files resume without them)
-REQUIRED_FIELDS = [f for f in RESULT_FIELDS if f not in ("timed_on", "finetune_epochs", *RULE_FIELDS)]
+                 *RULE_FIELDS, "finetune_epochs", "timing_other_load"]
+# columns every results.csv has (``timed_on``, the rule's and the timing's load came later: older
+# files resume without them)
+REQUIRED_FIELDS = [f for f in RESULT_FIELDS if f not in ("timed_on", "finetune_epochs", "timing_other_load",
+                                                         *RULE_FIELDS)]
 
 
 def _legacy_row(r: dict) -> dict:
@@ -52,6 +55,15 @@ def read_rows(path: str) -> List[dict]:
         if set(REQUIRED_FIELDS) - set(r):
             raise ConfigError(f"{path} is not a cctk study results file (columns {list(r)}); choose another --out")
     return [_legacy_row(r) for r in rows]
+
+
+def timed_under_load(row: dict) -> bool:
+    """Whether a row's images/s were measured while other processes held more than
+    :data:`cctk.tune.BUSY_LIMIT` of the CPUs (unknown, for rows of an older cctk: False)."""
+    try:
+        return float(row.get("timing_other_load")) > BUSY_LIMIT
+    except (TypeError, ValueError):
+        return False
 
 
 def write_rows(path: str, rows: List[dict]) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from cctk.checkpoint import atomic_write_text
 from cctk.experiments.study.config import PRIMARY, StudyConfig, block_size, load_config
-from cctk.experiments.study.ledger import read_rows
+from cctk.experiments.study.ledger import read_rows, timed_under_load
 from cctk.experiments.study.stats import BASELINES, between_studies, summarize_results
 from cctk.prune.pruner import METHODS
 from cctk.report.html import _img, _plt, _png
@@ -40,7 +40,8 @@ def write_summary(cfg: StudyConfig, rows: List[dict], seeds_info: dict, wall: fl
                "seeds": seeds_info, **stats, "rows": len(rows), "wall_time_s_this_sitting": wall,
                "machine": {"platform": platform.platform(), "torch": torch.__version__,
                            "cpu": cpu_model(), "threads": torch.get_num_threads()},
-               "timed_on": sorted({r["timed_on"] for r in rows if r.get("timed_on")})}
+               "timed_on": sorted({r["timed_on"] for r in rows if r.get("timed_on")}),
+               "timed_under_load": sum(timed_under_load(r) for r in rows)}
     atomic_write_text(json.dumps(summary, indent=1, default=str) + "\n", os.path.join(cfg.out, "summary.json"))
     atomic_write_text(study_markdown(summary), os.path.join(cfg.out, "summary.md"))
     write_study_report(cfg.out, summary)
@@ -117,6 +118,10 @@ def study_markdown(summary: Dict[str, Any]) -> str:
         lines += ["", "Timed on: " + "; ".join(summary["timed_on"])
                   + (" (rows timed on different machines: compare ratios within one machine only)"
                      if len(summary["timed_on"]) > 1 else "") + "."]
+    if summary.get("timed_under_load"):
+        lines += ["", f"{summary['timed_under_load']} row(s) were timed while other processes held over a quarter "
+                      "of the CPUs: their images/s are unreliable; `cctk study ... --time-only` on a quiet machine "
+                      "times them again."]
     fr = summary.get("frontier") or []
     lines += ["", "Pareto frontier (accuracy vs images/s): "
               + (", ".join(f"{c['method']} at {c['density']:g}" for c in fr) or "no timings"), ""]

@@ -54,6 +54,7 @@ from cctk.experiments.pipeline import Run, scan_classifier
 from cctk.experiments.study.config import (SNP_VARIANT_READOUTS, SNP_VARIANT_THRESHOLDS, StudyConfig, block_size,
                                            check_resumable, load_config, resumable_dict)
 from cctk.experiments.study.ledger import (cell_key, cells, claim, done, merge_row, read_rows, run_workers, tier,
+                                           timed_under_load,
                                            todo)
 from cctk.experiments.study.report import write_summary
 from cctk.optimize import optimize
@@ -62,7 +63,7 @@ from cctk.prune.convert import convert_to_andc, density_summary, relative_linear
 from cctk.prune.finetune import finetune
 from cctk.prune.pruner import PruneSpec, method_rule, prune_model
 from cctk.prune.workflow import calibration_batches
-from cctk.timing import models_images_per_s, timing_machine
+from cctk.timing import OtherLoad, models_images_per_s, timing_machine
 from cctk.train import CHECKPOINT_NAME, TrainConfig, evaluate, get_preset, preset_for_dataset, train
 from cctk.train.state import seed_everything
 
@@ -220,8 +221,10 @@ class _Study:
         fast, fast_dense = optimize(pruned, dtype, sample_input=example), optimize(dense, dtype, sample_input=example)
         x = example.to(self.device, dtype)
         # interleaved rounds, fastest of each (cctk.timing): pruned and dense see the same machine
-        r = models_images_per_s({"pruned": fast, "dense": fast_dense}, x, rounds=self.cfg.bench_rounds)
-        return r["pruned"]["images_per_s"], r["dense"]["images_per_s"], timing_machine(self.device)
+        with OtherLoad() as load:
+            r = models_images_per_s({"pruned": fast, "dense": fast_dense}, x, rounds=self.cfg.bench_rounds)
+        return (r["pruned"]["images_per_s"], r["dense"]["images_per_s"], timing_machine(self.device),
+                load.fraction)
 
 
 def model_digest(model: torch.nn.Module) -> str:
@@ -318,8 +321,9 @@ def _prune_cell(st: "_Study", p: Dict[str, Any], seed: int, method: str, density
 
 
 def _time_pruned(st: "_Study", p: Dict[str, Any], pruned) -> tuple:
-    """(pruned images/s, dense images/s, where they were timed); block-masked layers become
-    ANDCLinear first (node removal alone: none)."""
+    """(pruned images/s, dense images/s, where they were timed, the share of the CPUs other
+    processes used meanwhile or None); block-masked layers become ANDCLinear first (node
+    removal alone: none)."""
     convert_to_andc(pruned)
     return st.throughput(pruned, p["model"], p["example"])
 
@@ -335,13 +339,13 @@ def _run_cell(cfg: StudyConfig, st: "_Study", p: Dict[str, Any], seed: int, meth
     ft_s = time.perf_counter() - t1
     acc = evaluate(pruned, p["test_loader"], st.device)["accuracy"]
     digest = model_digest(pruned)
-    ips, dense_ips, timed_on = _time_pruned(st, p, pruned) if timing else (None, None, None)
+    ips, dense_ips, timed_on, load = _time_pruned(st, p, pruned) if timing else (None, None, None, None)
     return {"seed": seed, "method": method, "density": density, "accuracy": acc,
             "accuracy_before_finetune": acc0, "images_per_s": ips, "dense_images_per_s": dense_ips,
             "linear_density": lin_d, "classifier_density": cls_d, "connection_keep_fraction": keep,
             "dense_accuracy": p["dense_acc"], "classifier_threshold": p["threshold"],
             "finetune_seconds": ft_s, "model_digest": digest, "timed_on": timed_on,
-            "finetune_epochs": cfg.finetune_epochs, **_rule_columns(cfg, method)}
+            "finetune_epochs": cfg.finetune_epochs, "timing_other_load": load, **_rule_columns(cfg, method)}
 
 
 def _rule_columns(cfg: StudyConfig, method: str) -> dict:
@@ -403,20 +407,29 @@ def _rebuild_cell(st: "_Study", p: Dict[str, Any], row: dict):
     return pruned
 
 
+def _needs_timing(cfg: StudyConfig, row: dict) -> bool:
+    """A finished cell to time now: one without images/s (cells run by ``--workers``); with
+    ``--time-only`` also one timed under load, and with ``--retime`` every one."""
+    if row.get("images_per_s") in (None, ""):
+        return True
+    return cfg.time_only and (cfg.retime or timed_under_load(row))
+
+
 def _retime(cfg: StudyConfig, st: "_Study", prep: Dict[int, Dict[str, Any]]) -> None:
-    """Images/s of every finished cell that has none (cells run by ``--workers``): the cell's
-    pruned structure rebuilt (:func:`_rebuild_cell`), timed against the dense model with nothing
-    else running."""
+    """Images/s of the finished cells that need them (:func:`_needs_timing`): the cell's pruned
+    structure rebuilt (:func:`_rebuild_cell`), timed against the dense model; the share of the
+    CPUs other processes used meanwhile is recorded with it."""
     path = os.path.join(cfg.out, "results.csv")
     wanted = set(cells(cfg))
     for r in read_rows(path):
         key = cell_key(r["seed"], r["method"], r["density"])
-        if r.get("images_per_s") not in (None, "") or key not in wanted:
+        if not _needs_timing(cfg, r) or key not in wanted:
             continue
         seed = key[0]
         if seed not in prep:
             prep[seed] = _prepare_seed(cfg, st, seed)
-        r["images_per_s"], r["dense_images_per_s"], r["timed_on"] = _time_pruned(st, prep[seed], _rebuild_cell(st, prep[seed], r))
+        (r["images_per_s"], r["dense_images_per_s"], r["timed_on"],
+         r["timing_other_load"]) = _time_pruned(st, prep[seed], _rebuild_cell(st, prep[seed], r))
         merge_row(path, r)
         st.say(f"[timing] seed {seed} {key[1]} {key[2]}: {r['images_per_s']:.0f} images/s "
                f"(dense {r['dense_images_per_s']:.0f})", flush=True)
