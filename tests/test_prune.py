@@ -307,6 +307,43 @@ def test_magnitude_baseline_same_per_layer_densities():
             assert norms[bm].min() >= norms[~bm].max()
 
 
+def test_budget_block_mask_whole_layer_and_split_bands():
+    g = torch.Generator().manual_seed(0)
+    primary, tie = torch.rand(12, 5, generator=g), torch.rand(12, 5, generator=g)
+    whole = PM.budget_block_mask(primary, 0.25, tie)
+    assert torch.equal(whole, PM.topk_block_mask(primary, PM.num_blocks_to_keep(0.25, 60), tie))
+    split = PM.budget_block_mask(primary, 0.25, tie, groups=3)
+    for band in range(3):   # q, k, v each keep round(0.25 * 20) = 5 blocks: their own best ones
+        rows = slice(4 * band, 4 * band + 4)
+        assert int(split[rows].sum()) == 5
+        assert torch.equal(split[rows], PM.topk_block_mask(primary[rows], 5, tie[rows]))
+    with pytest.raises(ValueError, match="cannot be split into 3"):
+        PM.budget_block_mask(torch.rand(4, 5), 0.25, groups=3)
+
+
+@pytest.mark.parametrize("method", ["andc", "magnitude", "random"])
+def test_split_qkv_budget_gives_q_k_and_v_each_the_density(method):
+    """``qkv_budget="split"``: every block method keeps the density in each of q, k and v (a fused
+    qkv scored as one layer can hand v's budget to q and k: seen on Fashion-MNIST, where ANDC's
+    head-wide q/k sets out-score the v rows' node sets and v kept no block); the other layers and
+    the default (fused) are unchanged."""
+    m = tiny_model()
+    sets = random_sets(m)
+    spec = dict(density=0.25, block_size=16, classifier=False, seed=0)
+    _, fused = P.prune_model(m, P.PruneSpec(method, **spec), sets)
+    _, split = P.prune_model(m, P.PruneSpec(method, qkv_budget="split", **spec), sets)
+    for name, bm in split.block_masks.items():
+        if name.endswith("qkv"):
+            bands = bm.reshape(3, -1, bm.shape[1])
+            per = bands[0].numel()
+            assert [int(b.sum()) for b in bands] == [PM.num_blocks_to_keep(0.25, per)] * 3, name
+        else:
+            assert torch.equal(bm, fused.block_masks[name]), name
+    assert sum(int(b.sum()) for b in fused.block_masks.values()) == sum(int(b.sum()) for b in split.block_masks.values())
+    with pytest.raises(ValueError, match="qkv_budget"):
+        P.prune_model(m, P.PruneSpec(method, qkv_budget="bogus", **spec), sets)
+
+
 def test_finetune_keeps_masks_fixed():
     from torch.utils.data import DataLoader, TensorDataset
 

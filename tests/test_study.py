@@ -404,3 +404,49 @@ def test_models_from_reuses_trained_models_and_runs_the_ablation(digits_study, t
     # a models-from study trained another way is refused
     assert main(one_seed + ["--epochs", "2", "--methods", "andc", "--models-from", digits_study,
                             "--out", str(tmp_path / "other")]) == 2
+
+
+def test_anatomy_finds_a_starved_head_dead_inputs_and_the_kept_weight():
+    from cctk.experiments.study.anatomy import anatomy_markdown, model_anatomy
+    from cctk.models import create_model
+    from cctk.nn import MaskedLinear
+    torch.manual_seed(0)
+    dense = create_model("cct_2_3x1_8", num_classes=10).eval()
+    pruned = create_model("cct_2_3x1_8", num_classes=10).eval()
+    pruned.load_state_dict(dense.state_dict())
+    attn = pruned.blocks[0].self_attn
+    qkv = attn.qkv
+    H, dim = attn.num_heads, qkv.in_features
+    dh = dim // H
+    mask = torch.ones(qkv.out_features, dim, dtype=torch.bool)
+    mask[dh:2 * dh] = False          # q rows of head 1: nothing kept
+    mask[:, :3] = False              # the first 3 input columns feed nothing
+    attn.qkv = MaskedLinear.from_linear(qkv, mask=mask)
+    a = model_anatomy(dense, pruned)
+    rec = a["blocks.0.self_attn.qkv"]
+    assert rec["heads_without"] == {"q": [1], "k": [], "v": []}
+    assert rec["kept_per_head"]["q"][1] == 0 and rec["kept_per_head"]["k"][1] == dh * (dim - 3)
+    assert rec["dead_inputs"] == pytest.approx(3 / dim) and rec["dead_outputs"] == pytest.approx(dh / (3 * dim))
+    w = dense.blocks[0].self_attn.qkv.weight.detach().abs()
+    assert rec["kept_weight"] == pytest.approx(float((w * mask).sum() / w.sum()), rel=1e-5)
+    assert list(a) == ["blocks.0.self_attn.qkv"]     # the dense layers are not reported
+    md = anatomy_markdown({"density": 0.5, "methods": ["andc"], "seeds": {"0": {"andc": a}}})
+    assert "**0**" in md
+
+
+def test_anatomy_cli_on_a_finished_study(digits_study, tmp_path, capsys):
+    import shutil
+    out = str(tmp_path / "a")
+    shutil.copytree(digits_study, out)
+    before = open(os.path.join(out, "results.csv")).read()
+    assert main(TINY + ["--methods", "all", "--anatomy", "--out", out]) == 0
+    assert open(os.path.join(out, "results.csv")).read() == before     # no cell ran
+    res = json.load(open(os.path.join(out, "anatomy.json")))["0.25"]
+    from cctk.prune.pruner import METHODS
+    block_methods = [m for m in ALL_METHODS if METHODS[m].kind == "block"]
+    assert res["methods"] == block_methods and sorted(res["seeds"]) == ["0", "1"]
+    for per in res["seeds"].values():
+        for layers in per.values():
+            assert layers and all(0 <= v["kept_weight"] <= 1 and 0 <= v["dead_inputs"] <= 1 for v in layers.values())
+    assert "q " in open(os.path.join(out, "anatomy.md")).read()
+    assert main(TINY + ["--methods", "all", "--anatomy", "--time-only", "--out", out]) == 2

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-sets", default="measured", choices=("measured", "assume-all"),
                    help="label sets of the stream entering block 0: measured by the study's SNP (default) or "
                         "assume-all (every token channel recognises every label: cctk's first rule)")
+    p.add_argument("--qkv-budget", default="fused", choices=("fused", "split"),
+                   help="every block method's density of a fused qkv layer: over the whole layer (fused, default) "
+                        "or met by q, k and v each (split)")
     p.add_argument("--models-from", default=None, metavar="DIR[,DIR...]",
                    help="reuse the trained models of other study directories (the first one's seed{s}/train that "
                         "exists, trained with the same dataset, model, epochs, training pool and validation size); "
@@ -75,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-only", action="store_true",
                    help="run no new cell: time the finished cells that have no images/s yet, or were timed while "
                         "other processes held over a quarter of the CPUs, and write the summary")
+    p.add_argument("--anatomy", action="store_true",
+                   help="run no new cell: write anatomy.json/.md, what each finished block-method cell kept (heads left "
+                        "without q/k/v blocks, dead input columns, kept share of |W|), at every --densities")
     p.add_argument("--retime", action="store_true",
                    help="with --time-only: time every finished cell again (e.g. on another machine)")
     p.add_argument("--data-dir", default=None, help="dataset directory")
@@ -145,10 +151,19 @@ def run(args: argparse.Namespace) -> int:
                       val_size=args.val_size, threshold=args.threshold, readout_epochs=args.readout_epochs,
                       readout_optimizer=args.readout_optimizer, classifier_tolerance=args.classifier_tolerance,
                       checkpoints=_list(args.checkpoints, str, "checkpoints") if args.checkpoints else None,
-                      models_from=_list(args.models_from, str, "models-from") if args.models_from else None, block_score=args.block_score, v_sets=args.v_sets,
+                      models_from=_list(args.models_from, str, "models-from") if args.models_from else None, block_score=args.block_score, v_sets=args.v_sets, qkv_budget=args.qkv_budget,
                       token_sets=args.token_sets, compare_with=args.compare_with, snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, time_only=args.time_only, retime=args.retime, data_dir=args.data_dir,
                       device=args.device, progress=not args.no_progress,
                       **({"classifier_scan": ()} if args.dense_classifier else {}))
+    if args.anatomy:
+        if args.time_only:
+            raise ConfigError("--anatomy and --time-only are separate runs: give one of them")
+        cfg.check()
+        from cctk.experiments.study.anatomy import study_anatomy
+        study_anatomy(args.out, cfg.densities, None if args.methods.strip() == "all" else methods,
+                      data_dir=args.data_dir)
+        print(f"wrote {args.out}/anatomy.json, anatomy.md")
+        return 0
     summary = run_study(cfg)
     for p in summary["paired"]:
         if p["primary"]:

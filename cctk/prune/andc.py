@@ -290,7 +290,7 @@ def andc_layer_masks(model: nn.Module, sets: RecognizedSets, rule: AndcRule, tar
         weight = model.get_submodule(name).weight.detach().cpu() if use_weights else None
         density = None if target.tau is not None else target.layer_density(name)
         masks[name] = andc_block_mask(scores, keep, B, density=density, tau=target.tau, weight=weight,
-                                      block_score=rule.block_score)
+                                      block_score=rule.block_score, groups=target.budget_groups(name))
         stats[name] = rule_stats(scores, keep, masks[name], rule, B)
     return masks, stats
 

@@ -47,6 +47,7 @@ from cctk.errors import ConfigError
 from cctk.prune.andc import TOKEN_SETS, V_SETS, AndcRule, RecognizedSets, final_stream_means, final_stream_sets
 from cctk.prune.convert import pruned_checkpoint
 from cctk.prune.masks import BLOCK_SCORES
+from cctk.prune.plan import QKV_BUDGETS
 from cctk.prune.pruner import METHODS, STRUCTURED_METHODS, PruneSpec, method_rule
 from cctk.prune.workflow import data_loaders, prune_and_finetune
 from cctk.train import evaluate, resolve_device
@@ -82,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="label sets of the stream entering block 0: measured by `cctk snp` (default; SNP results "
                         "without them are refused) or assume-all (every token channel recognises every label: "
                         "the old assumption)")
+    p.add_argument("--qkv-budget", default="fused", choices=QKV_BUDGETS,
+                   help="a fused qkv layer's density met over the whole layer (fused, default) or by q, k and v "
+                        "each (split: as three layers)")
     p.add_argument("--order", default="auto", choices=("auto", "dominant", "lexicographic", "identity"),
                    help="node order used to gather kept connections into blocks")
     p.add_argument("--no-classifier", action="store_true", help="leave the classifier dense")
@@ -207,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dense model: accuracy {dense_acc:.4f}")
         spec = PruneSpec(method=args.method, density=args.density, tau=args.tau, block_size=args.block_size,
                          rule=_rule(args), classifier=not args.no_classifier, classifier_sets=classifier_sets,
-                         seed=args.seed, finetune_epochs=args.finetune_epochs, lr=args.lr,
+                         seed=args.seed, qkv_budget=args.qkv_budget, finetune_epochs=args.finetune_epochs, lr=args.lr,
                          sparse_finetune=args.sparse_finetune)
         pruned, plan, record = prune_and_finetune(model, spec, sets, train_loader, test_loader, device=device,
                                                   log=print)

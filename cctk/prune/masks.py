@@ -35,6 +35,7 @@ __all__ = [
     "overlap_scores",
     "connection_keep",
     "classifier_keep",
+    "budget_block_mask",
     "block_reduce",
     "num_blocks_to_keep",
     "topk_block_mask",
@@ -124,6 +125,26 @@ def topk_block_mask(primary: torch.Tensor, n_keep: int, secondary: Optional[torc
     return mask.view(primary.shape)
 
 
+def budget_block_mask(primary: torch.Tensor, density: float, secondary: Optional[torch.Tensor] = None,
+                      groups: int = 1) -> torch.Tensor:
+    """Keep round(density * n) of a layer's blocks by ``primary`` (ties: ``secondary``), the budget
+    met separately in each of ``groups`` equal bands of block rows (3 for a fused qkv whose q, k
+    and v each get the density: ``Target.qkv_budget == "split"``); groups=1 is the whole layer."""
+    if groups == 1:
+        return topk_block_mask(primary, num_blocks_to_keep(density, primary.numel()), secondary)
+    rows = primary.shape[0]
+    if groups < 1 or rows % groups:
+        raise ValueError(f"a layer of {rows} block rows cannot be split into {groups} equal budgets "
+                         f"(the block size must divide each part's rows)")
+    step = rows // groups
+    parts = []
+    for g in range(groups):
+        band = slice(g * step, (g + 1) * step)
+        sec = None if secondary is None else secondary[band]
+        parts.append(topk_block_mask(primary[band], num_blocks_to_keep(density, primary[band].numel()), sec))
+    return torch.cat(parts, 0)
+
+
 BLOCK_SCORES = ("kept-fraction", "sum")
 
 
@@ -155,12 +176,14 @@ def andc_block_mask(
     tau: Optional[float] = None,
     weight: Optional[torch.Tensor] = None,
     block_score: str = "kept-fraction",
+    groups: int = 1,
 ) -> torch.Tensor:
     """ANDC block mask from the element scores/keep matrix (see module docstring).
 
-    Exactly one of ``density`` (keep the top round(density * n_blocks) blocks by ``block_score``)
-    and ``tau`` (keep every block with kept fraction >= tau) must be given. ``weight`` (same
-    shape) breaks score ties by block L1 norm.
+    Exactly one of ``density`` (keep the top round(density * n_blocks) blocks by ``block_score``,
+    in each of ``groups`` bands of block rows: :func:`budget_block_mask`) and ``tau`` (keep every
+    block with kept fraction >= tau) must be given. ``weight`` (same shape) breaks score ties by
+    block L1 norm.
     """
     if (density is None) == (tau is None):
         raise ValueError("give exactly one of density and tau")
@@ -170,9 +193,8 @@ def andc_block_mask(
         frac = kept_fraction(keep, block_size)
         return (frac >= tau) & (frac > 0)
     primary = andc_block_scores(scores, keep, block_size, block_score)
-    n_keep = num_blocks_to_keep(density, primary.numel())
     tie = block_reduce(weight.detach().abs(), block_size) if weight is not None else None
-    return topk_block_mask(primary, n_keep, tie)
+    return budget_block_mask(primary, density, tie, groups)
 
 
 def magnitude_block_mask(weight: torch.Tensor, block_size: int, density: Optional[float] = None,

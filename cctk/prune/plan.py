@@ -14,7 +14,7 @@ import torch.nn as nn
 from cctk.checkpoint import replace_submodule as _set_submodule
 from cctk.nn import MaskedLinear
 
-__all__ = ["Density", "Target", "Permutations", "PrunePlan", "encoder_linear_names", "apply_masks"]
+__all__ = ["Density", "Target", "QKV_BUDGETS", "Permutations", "PrunePlan", "encoder_linear_names", "apply_masks"]
 
 Density = Union[float, Mapping[str, float]]
 
@@ -28,21 +28,30 @@ def encoder_linear_names(model: nn.Module) -> List[str]:
     return names
 
 
+#: how a fused qkv's block budget is met: over the whole layer, or by q, k and v each
+QKV_BUDGETS = ("fused", "split")
+
+
 @dataclass(frozen=True)
 class Target:
     """What a block pruning is asked for: ``block_size``, and either a ``density`` (float, or
     {layer name: float}: keep round(density * n_blocks) blocks of every encoder linear) or ANDC's
     ``tau`` rule (keep every block whose kept-connection fraction is >= tau); ``classifier_kept``:
-    how many classifier weights a method without a rule of its own keeps (None: dense)."""
+    how many classifier weights a method without a rule of its own keeps (None: dense);
+    ``qkv_budget``: a fused qkv's density over the whole layer (``"fused"``) or met by q, k and v
+    each (``"split"``: three layers, as in models with separate projections)."""
 
     block_size: int = 32
     density: Optional[Density] = 0.25
     tau: Optional[float] = None
     classifier_kept: Optional[int] = None
+    qkv_budget: str = "fused"
 
     def __post_init__(self):
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.qkv_budget not in QKV_BUDGETS:
+            raise ValueError(f"qkv_budget must be one of {', '.join(QKV_BUDGETS)}, got {self.qkv_budget!r}")
         if self.tau is not None:
             if not 0.0 <= self.tau <= 1.0:
                 raise ValueError(f"tau must be in [0, 1], got {self.tau}")
@@ -59,6 +68,10 @@ class Target:
             if key in d:
                 return float(d[key])
         raise KeyError(f"no target density for layer {name} (give a float or a dict keyed by layer name)")
+
+    def budget_groups(self, name: str) -> int:
+        """How many separate budgets the layer ``name``'s density is met in (3: q, k, v of a split qkv)."""
+        return 3 if self.qkv_budget == "split" and name.endswith("self_attn.qkv") else 1
 
 
 @dataclass

@@ -28,7 +28,7 @@ from cctk.prune.convert import relative_linear_density
 from cctk.prune.importance import (ActivationNodeImportance, AndcImportance, AndcMagnitudeImportance,
                                    BlockImportance, MagnitudeImportance, NodeImportance, RandomImportance,
                                    SNPNodeImportance, WandaImportance, layer_weight)
-from cctk.prune.masks import block_grid, block_reduce, classifier_keep, num_blocks_to_keep, topk_block_mask
+from cctk.prune.masks import block_grid, block_reduce, budget_block_mask, classifier_keep
 from cctk.prune.plan import PrunePlan, Target, apply_masks, encoder_linear_names
 from cctk.prune.structured import remove_nodes
 
@@ -53,6 +53,7 @@ class PruneSpec:
     classifier: bool = True
     classifier_sets: Optional[torch.Tensor] = None
     seed: int = 0
+    qkv_budget: str = "fused"
     finetune_epochs: int = 5
     lr: float = 1e-3
     sparse_finetune: bool = False
@@ -160,8 +161,8 @@ def prune_blocks(model: nn.Module, importance: BlockImportance, target: Target) 
         masks = {}
         for name in encoder_linear_names(pruned):
             tie = block_reduce(layer_weight(pruned, name).abs(), B)
-            n_keep = num_blocks_to_keep(target.layer_density(name), scores[name].numel())
-            masks[name] = topk_block_mask(scores[name], n_keep, tie)
+            masks[name] = budget_block_mask(scores[name], target.layer_density(name), tie,
+                                            target.budget_groups(name))
     plan = PrunePlan(method=importance.name, block_size=B, block_masks=masks,
                      classifier_mask=importance.classifier_mask(pruned, perms, target.classifier_kept),
                      permutations=perms, density=target.density, tau=target.tau,
@@ -248,7 +249,7 @@ def prune_model(model: nn.Module, spec: PruneSpec, sets: Union[RecognizedSets, s
         sub = sets.select_nodes(keep["ff_keep"], keep["head_dims_keep"], head_dim=model.head_dim)
         block_density = min(1.0, spec.density / relative_linear_density(model, small))
         imp = AndcImportance(sub, rule, prune_classifier=spec.classifier, classifier_sets=spec.classifier_sets)
-        pruned, plan = prune_blocks(small, imp, Target(B, block_density))
+        pruned, plan = prune_blocks(small, imp, Target(B, block_density, qkv_budget=spec.qkv_budget))
         plan.method, plan.structured = method.name, _structured_plan(small, method.name, spec.density, B).structured
         return pruned, plan
     density = spec.density
@@ -259,7 +260,7 @@ def prune_model(model: nn.Module, spec: PruneSpec, sets: Union[RecognizedSets, s
         density = {n: float(m.float().mean()) for n, m in ref.block_masks.items()}
     cls_sets = spec.classifier_sets if spec.classifier_sets is not None else (sets.final if sets is not None else None)
     n_cls = int(classifier_keep(cls_sets).sum()) if (spec.classifier and cls_sets is not None) else None
-    target = Target(B, density, spec.tau if method.uses_rule else None, n_cls)
+    target = Target(B, density, spec.tau if method.uses_rule else None, n_cls, spec.qkv_budget)
     pruned, plan = prune_blocks(model, method.build(rule, spec, sets, calibration, device), target)
     plan.method = method.name   # (the ablation variants share andc's importance)
     return pruned, plan

@@ -15,6 +15,7 @@ from cctk.errors import ConfigError
 from cctk.experiments.pipeline import CLASSIFIER_SCAN, DEFAULT_BLOCK_SIZE
 from cctk.prune.andc import TOKEN_SETS, V_SETS, AndcRule
 from cctk.prune.masks import BLOCK_SCORES
+from cctk.prune.plan import QKV_BUDGETS
 from cctk.prune.pruner import ALL_METHODS, METHODS, method_rule
 from cctk.train import CHECKPOINT_NAME
 
@@ -31,7 +32,7 @@ RULE_FIELDS = ("block_score", "v_sets", "token_sets")
 #: settings a study_config.json of an older cctk lacks, at the values that cctk used: the first
 #: ANDC rule (summed overlap, head sets for v rows, token channels assumed to recognise every label)
 LEGACY_DEFAULTS = {"block_score": "sum", "v_sets": "head", "token_sets": "assume-all", "models_from": None,
-                   "compare_with": None}
+                   "compare_with": None, "qkv_budget": "fused"}
 
 
 @dataclasses.dataclass
@@ -69,6 +70,7 @@ class StudyConfig:
     snp_variants: bool = False              # also SNP with both readouts x SNP_VARIANT_THRESHOLDS
     # the ANDC rule of the label-set methods (SCIENCE.md 5; the andc-old* methods fix their own)
     block_score: str = "kept-fraction"
+    qkv_budget: str = "fused"               # a fused qkv's density over the layer, or met by q, k, v each
     v_sets: str = "node"
     token_sets: str = "measured"
     data_dir: Optional[str] = None
@@ -116,6 +118,7 @@ class StudyConfig:
         need(self.block_score in BLOCK_SCORES, f"block score must be one of {', '.join(BLOCK_SCORES)}")
         need(self.v_sets in V_SETS, f"v sets must be one of {', '.join(V_SETS)}")
         need(self.token_sets in TOKEN_SETS, f"token sets must be one of {', '.join(TOKEN_SETS)}")
+        need(self.qkv_budget in QKV_BUDGETS, f"qkv budget must be one of {', '.join(QKV_BUDGETS)}")
         need(self.checkpoints is None or len(self.checkpoints) == len(self.seeds),
              "give one checkpoint per seed")
         need(not (self.checkpoints and self.models_from), "give --checkpoints or --models-from, not both")
@@ -172,7 +175,7 @@ TRAINING_KEYS = ("dataset", "model", "epochs", "train_subset", "val_size", "data
 FIXED_KEYS = ("dataset", "model", "epochs", "block_size", "train_subset", "test_subset", "val_size", "threshold",
               "readout_epochs", "readout_optimizer", "finetune_epochs", "finetune_subset", "lr",
               "classifier_tolerance", "classifier_scan", "calibration_images", "checkpoints", "models_from",
-              "block_score", "v_sets", "token_sets")
+              "block_score", "v_sets", "token_sets", "qkv_budget")
 
 
 def load_config(out: str, **overrides) -> StudyConfig:

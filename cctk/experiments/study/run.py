@@ -207,7 +207,8 @@ class _Study:
         classifier pruned by the label-set rule at the threshold chosen on validation (none
         chosen: dense for every method)."""
         spec = PruneSpec(method, density=density, block_size=self.B, rule=self.cfg.rule(),
-                         classifier=cls_sets is not None, classifier_sets=cls_sets, seed=seed)
+                         classifier=cls_sets is not None, classifier_sets=cls_sets, seed=seed,
+                         qkv_budget=self.cfg.qkv_budget)
         pruned, plan = prune_model(model, spec, sets, calibration=calib, device=self.device)
         keep = None
         if plan.layer_stats:   # ANDC-type: the kept-connection fraction, weighted by layer size
@@ -265,9 +266,11 @@ def run_study(cfg: StudyConfig) -> Dict[str, Any]:
         torch.set_num_threads(threads_before)
 
 
-def _prepare_seed(cfg: StudyConfig, st: "_Study", seed: int) -> Dict[str, Any]:
+def _prepare_seed(cfg: StudyConfig, st: "_Study", seed: int, measure: bool = True) -> Dict[str, Any]:
     """Everything a seed's cells share: its trained model, loaders, calibration images, SNP
-    label sets and the classifier threshold (both chosen on validation), the dense test accuracy."""
+    label sets and the classifier threshold (both chosen on validation), the dense test accuracy
+    (``measure`` False: no accuracy that rebuilding a cell's structure does not need, i.e. no
+    test pass, and no validation pass when the classifier stays dense)."""
     seed_dir = os.path.join(cfg.out, f"seed{seed}")
     model, ckpt, source = st.model_for_seed(seed, seed_dir)
     model = model.to(st.device).eval()
@@ -283,7 +286,13 @@ def _prepare_seed(cfg: StudyConfig, st: "_Study", seed: int) -> Dict[str, Any]:
              example=next(iter(data.build_loader(test, cfg.bench_batch, shuffle=False)))[0])
     p["calib"] = calibration_batches(train_part, cfg.calibration_images)
     p["sets"], p["snp_dir"] = st.snp_for_seed(seed, seed_dir, model, p["train_plain"], p["val_loader"], num_classes)
-    p["threshold"], p["cls_sets"], p["cls_info"] = st.choose_classifier(model, p["val_loader"], num_classes)
+    if measure or cfg.classifier_scan:
+        p["threshold"], p["cls_sets"], p["cls_info"] = st.choose_classifier(model, p["val_loader"], num_classes)
+    else:
+        p["threshold"], p["cls_sets"], p["cls_info"] = None, None, {"threshold": None}
+    if not measure:
+        p["dense_acc"] = None
+        return p
     p["dense_acc"] = evaluate(model, p["test_loader"], st.device)["accuracy"]
     st.say(f"[seed {seed}] dense test accuracy {p['dense_acc']:.4f}; classifier threshold "
            f"{p['threshold']} (chosen on validation)", flush=True)
@@ -456,7 +465,7 @@ def study_cell_models(out: str, seed: int, methods: Sequence[str], density: floa
     for need in (st.checkpoint_path(int(seed), seed_dir), os.path.join(seed_dir, "snp", "snp.json")):
         if not os.path.isfile(need):   # never train or measure here: this function only reads
             raise ConfigError(f"{need} is missing: {out} is not a finished study for seed {seed}")
-    p = _prepare_seed(cfg, st, int(seed))
+    p = _prepare_seed(cfg, st, int(seed), measure=False)
     pruned = {m: convert_to_andc(_rebuild_cell(st, p, rows[cell_key(seed, m, density)])).eval() for m in methods}
     return {"dense": p["model"].eval(), "example": p["example"], "pruned": pruned}
 
