@@ -423,13 +423,13 @@ def test_anatomy_finds_a_starved_head_dead_inputs_and_the_kept_weight():
     mask[:, :3] = False              # the first 3 input columns feed nothing
     attn.qkv = MaskedLinear.from_linear(qkv, mask=mask)
     a = model_anatomy(dense, pruned)
-    rec = a["blocks.0.self_attn.qkv"]
+    rec = a["classifier.blocks.0.self_attn.qkv"]
     assert rec["heads_without"] == {"q": [1], "k": [], "v": []}
     assert rec["kept_per_head"]["q"][1] == 0 and rec["kept_per_head"]["k"][1] == dh * (dim - 3)
     assert rec["dead_inputs"] == pytest.approx(3 / dim) and rec["dead_outputs"] == pytest.approx(dh / (3 * dim))
     w = dense.blocks[0].self_attn.qkv.weight.detach().abs()
     assert rec["kept_weight"] == pytest.approx(float((w * mask).sum() / w.sum()), rel=1e-5)
-    assert list(a) == ["blocks.0.self_attn.qkv"]     # the dense layers are not reported
+    assert list(a) == ["classifier.blocks.0.self_attn.qkv"]     # the dense layers are not reported
     md = anatomy_markdown({"density": 0.5, "methods": ["andc"], "seeds": {"0": {"andc": a}}})
     assert "**0**" in md
 
