@@ -130,8 +130,6 @@ def budget_block_mask(primary: torch.Tensor, density: float, secondary: Optional
     """Keep round(density * n) of a layer's blocks by ``primary`` (ties: ``secondary``), the budget
     met separately in each of ``groups`` equal bands of block rows (3 for a fused qkv whose q, k
     and v each get the density: ``Target.qkv_budget == "split"``); groups=1 is the whole layer."""
-    if groups == 1:
-        return topk_block_mask(primary, num_blocks_to_keep(density, primary.numel()), secondary)
     rows = primary.shape[0]
     if groups < 1 or rows % groups:
         raise ValueError(f"a layer of {rows} block rows cannot be split into {groups} equal budgets "
