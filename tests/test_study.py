@@ -450,3 +450,18 @@ def test_anatomy_cli_on_a_finished_study(digits_study, tmp_path, capsys):
             assert layers and all(0 <= v["kept_weight"] <= 1 and 0 <= v["dead_inputs"] <= 1 for v in layers.values())
     assert "q " in open(os.path.join(out, "anatomy.md")).read()
     assert main(TINY + ["--methods", "all", "--anatomy", "--time-only", "--out", out]) == 2
+
+
+def test_seeds_info_of_processes_sharing_an_out_dir_merges(tmp_path):
+    """Two processes on one study each prepare their own seeds: seeds.json ends with both, and a
+    seed's later entry (SNP variants) keeps what was there (it is re-read under the results lock,
+    not written from a process's stale view)."""
+    from cctk.experiments.study.ledger import merge_seed_info, read_seeds_info
+    out = str(tmp_path)
+    assert read_seeds_info(out) == {}
+    merge_seed_info(out, 0, {"dense_test_accuracy": 0.91, "snp_dir": "a"})   # process 1
+    merge_seed_info(out, 3, {"dense_test_accuracy": 0.92, "snp_dir": "b"})   # process 2
+    merge_seed_info(out, 0, {"snp_variants": {"k": 1}})
+    info = json.load(open(os.path.join(out, "seeds.json")))
+    assert info == {"0": {"dense_test_accuracy": 0.91, "snp_dir": "a", "snp_variants": {"k": 1}},
+                    "3": {"dense_test_accuracy": 0.92, "snp_dir": "b"}}

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import fcntl
 import io
+import json
 import multiprocessing as mp
 import os
 from typing import Any, Callable, List, Optional
@@ -25,7 +26,8 @@ from cctk.prune.pruner import METHODS
 from cctk.tune import BUSY_LIMIT
 
 __all__ = ["RESULT_FIELDS", "REQUIRED_FIELDS", "read_rows", "write_rows", "merge_row", "cell_key", "cells", "done",
-           "todo", "tier", "cell_order", "claim", "results_lock", "run_workers", "timed_under_load"]
+           "todo", "tier", "cell_order", "claim", "results_lock", "run_workers", "timed_under_load",
+           "read_seeds_info", "merge_seed_info"]
 
 RESULT_FIELDS = ["seed", "method", "density", "accuracy", "accuracy_before_finetune", "images_per_s",
                  "dense_images_per_s", "linear_density", "classifier_density", "connection_keep_fraction",
@@ -122,6 +124,27 @@ def results_lock(out: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_seeds_info(out: str) -> dict:
+    """``out/seeds.json``: per seed, where its model came from, its validation choices, its dense
+    accuracy and SNP variants (empty if none yet)."""
+    path = os.path.join(out, "seeds.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def merge_seed_info(out: str, seed: int, entry: dict) -> dict:
+    """Set (update) one seed's entry of ``out/seeds.json``, re-read under the results lock, so
+    processes sharing ``out`` each add their own seeds and none drops another's; returns the
+    whole file as written."""
+    with results_lock(out):
+        info = read_seeds_info(out)
+        info[str(int(seed))] = {**(info.get(str(int(seed))) or {}), **entry}
+        atomic_write_text(json.dumps(info, indent=1) + "\n", os.path.join(out, "seeds.json"))
+    return info
 
 
 def claim(out: str, key) -> Optional[Any]:

@@ -13,7 +13,7 @@ import torch
 
 from cctk.checkpoint import atomic_write_text
 from cctk.experiments.study.config import PRIMARY, StudyConfig, block_size, load_config
-from cctk.experiments.study.ledger import read_rows, timed_under_load
+from cctk.experiments.study.ledger import read_rows, read_seeds_info, timed_under_load
 from cctk.experiments.study.stats import BASELINES, between_studies, summarize_results
 from cctk.prune.pruner import METHODS
 from cctk.report.html import _img, _plt, _png
@@ -22,7 +22,7 @@ from cctk.timing import cpu_model
 __all__ = ["write_summary", "study_markdown", "write_study_report"]
 
 
-def write_summary(cfg: StudyConfig, rows: List[dict], seeds_info: dict, wall: float) -> Dict[str, Any]:
+def write_summary(cfg: StudyConfig, rows: List[dict], wall: float) -> Dict[str, Any]:
     # every row of results.csv: all sittings of a study share its fixed settings (config.FIXED_KEYS),
     # so a sitting that runs a few more methods or densities reports the whole study
     stats = summarize_results(rows)
@@ -37,7 +37,7 @@ def write_summary(cfg: StudyConfig, rows: List[dict], seeds_info: dict, wall: fl
                "rule": {"label-set methods": cfg.rule().as_dict(),
                         "fixed by the ablation methods": {m: dict(METHODS[m].rule) for m in cfg.methods
                                                           if METHODS[m].rule}},
-               "seeds": seeds_info, **stats, "rows": len(rows), "wall_time_s_this_sitting": wall,
+               "seeds": read_seeds_info(cfg.out), **stats, "rows": len(rows), "wall_time_s_this_sitting": wall,
                "machine": {"platform": platform.platform(), "torch": torch.__version__,
                            "cpu": cpu_model(), "threads": torch.get_num_threads()},
                "timed_on": sorted({r["timed_on"] for r in rows if r.get("timed_on")}),

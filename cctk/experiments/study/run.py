@@ -53,9 +53,8 @@ from cctk.errors import ConfigError
 from cctk.experiments.pipeline import Run, scan_classifier
 from cctk.experiments.study.config import (SNP_VARIANT_READOUTS, SNP_VARIANT_THRESHOLDS, StudyConfig, block_size,
                                            check_resumable, load_config, resumable_dict)
-from cctk.experiments.study.ledger import (cell_key, cells, claim, done, merge_row, read_rows, run_workers, tier,
-                                           timed_under_load,
-                                           todo)
+from cctk.experiments.study.ledger import (cell_key, cells, claim, done, merge_row, merge_seed_info, read_rows,
+                                           read_seeds_info, run_workers, tier, timed_under_load, todo)
 from cctk.experiments.study.report import write_summary
 from cctk.optimize import optimize
 from cctk.prune.andc import RecognizedSets, final_stream_means, final_stream_sets
@@ -299,23 +298,14 @@ def _prepare_seed(cfg: StudyConfig, st: "_Study", seed: int, measure: bool = Tru
     return p
 
 
-def _read_seeds_info(path: str) -> Dict[str, Any]:
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return {}
-
-
-def _prepare_seeds(cfg: StudyConfig, st: "_Study", seeds, seeds_info: Dict[str, Any], info_path: str) -> Dict[int, Dict[str, Any]]:
+def _prepare_seeds(cfg: StudyConfig, st: "_Study", seeds) -> Dict[int, Dict[str, Any]]:
     prep: Dict[int, Dict[str, Any]] = {}
     for seed in seeds:
         p = prep[seed] = _prepare_seed(cfg, st, seed)
-        old = seeds_info.get(str(seed)) or {}
-        seeds_info[str(seed)] = {"model_source": p["source"], "validation": p["val_info"], "classifier": p["cls_info"],
-                                 "dense_test_accuracy": p["dense_acc"], "snp_dir": os.path.abspath(p["snp_dir"]),
-                                 "model": p["model"].config.get("name") if hasattr(p["model"], "config") else None,
-                                 "snp_variants": old.get("snp_variants")}
-        atomic_write_text(json.dumps(seeds_info, indent=1) + "\n", info_path)
+        merge_seed_info(cfg.out, seed, {
+            "model_source": p["source"], "validation": p["val_info"], "classifier": p["cls_info"],
+            "dense_test_accuracy": p["dense_acc"], "snp_dir": os.path.abspath(p["snp_dir"]),
+            "model": p["model"].config.get("name") if hasattr(p["model"], "config") else None})
     return prep
 
 
@@ -363,7 +353,7 @@ def _rule_columns(cfg: StudyConfig, method: str) -> dict:
     return {k: ("" if rule is None else getattr(rule, k)) for k in ("block_score", "v_sets", "token_sets")}
 
 
-def _work_cells(cfg: StudyConfig, st: "_Study", prep: Dict[int, Dict[str, Any]], seeds_info: Dict[str, Any],
+def _work_cells(cfg: StudyConfig, st: "_Study", prep: Dict[int, Dict[str, Any]],
                 t0: float, timing: bool = True, before_tier2=None, bar=None) -> None:
     """Run every unfinished cell this process can claim, most informative first; each finished
     row is merged into results.csv (under the lock) and the summary rewritten before the next."""
@@ -393,15 +383,14 @@ def _work_cells(cfg: StudyConfig, st: "_Study", prep: Dict[int, Dict[str, Any]],
         st.say(f"[cell] seed {seed} {method} {density}: accuracy {row['accuracy']:.4f} "
                f"(before fine-tune {row['accuracy_before_finetune']:.4f}), {ips}", flush=True)
         # the summary and report follow every cell: a study stopped part-way reports what it has
-        write_summary(cfg, rows, seeds_info, time.perf_counter() - t0)
+        write_summary(cfg, rows, time.perf_counter() - t0)
 
 
 def _cell_worker(cfg: StudyConfig, threads: int) -> None:
     """A ``--workers`` process: its own intra-op threads, every claimable cell, no timing."""
     torch.set_num_threads(threads)
     st = _Study(cfg)
-    seeds_info = _read_seeds_info(os.path.join(cfg.out, "seeds.json"))
-    _work_cells(cfg, st, {}, seeds_info, t0=time.perf_counter(), timing=False)
+    _work_cells(cfg, st, {}, t0=time.perf_counter(), timing=False)
 
 
 def _rebuild_cell(st: "_Study", p: Dict[str, Any], row: dict):
@@ -472,15 +461,14 @@ def study_cell_models(out: str, seed: int, methods: Sequence[str], density: floa
 
 def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
     results_path = os.path.join(cfg.out, "results.csv")
-    info_path = os.path.join(cfg.out, "seeds.json")
-    seeds_info = _read_seeds_info(info_path)
+    seeds_info = read_seeds_info(cfg.out)
     pending = [] if cfg.time_only else todo(cfg, read_rows(results_path))
     need_variants = [int(s) for s in cfg.seeds if cfg.snp_variants and not cfg.time_only
                      and not (seeds_info.get(str(s)) or {}).get("snp_variants")]
     # every seed first (training, SNP, validation choices), then the cells, most informative first
     prep = _prepare_seeds(cfg, st, [int(s) for s in cfg.seeds
                                     if any(c[0] == int(s) for c in pending) or int(s) in need_variants],
-                          seeds_info, info_path)
+)
 
     def run_variants():
         # the SNR / cluster claims on the same models (no cell depends on them): after the
@@ -489,9 +477,9 @@ def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
             p = prep[seed]
             st.say(f"[seed {seed}] SNP variants: readouts {SNP_VARIANT_READOUTS} x theta {SNP_VARIANT_THRESHOLDS}",
                    flush=True)
-            seeds_info[str(seed)]["snp_variants"] = st.snp_variants(seed, p["seed_dir"], p["model"], p["train_plain"],
+            variants = st.snp_variants(seed, p["seed_dir"], p["model"], p["train_plain"],
                                                                     p["val_loader"], p["num_classes"])
-            atomic_write_text(json.dumps(seeds_info, indent=1) + "\n", info_path)
+            merge_seed_info(cfg.out, seed, {"snp_variants": variants})
         need_variants.clear()
 
     n_cells = len(cells(cfg))
@@ -500,9 +488,9 @@ def _run_cells(cfg: StudyConfig, st: "_Study", t0: float) -> Dict[str, Any]:
         if pending and cfg.workers > 1:
             run_workers(cfg, _cell_worker, run_variants, bar)
         elif pending:   # (--time-only: no cell)
-            _work_cells(cfg, st, prep, seeds_info, t0, timing=True, before_tier2=run_variants, bar=bar)
+            _work_cells(cfg, st, prep, t0, timing=True, before_tier2=run_variants, bar=bar)
     finally:
         bar.close()
     run_variants()
     _retime(cfg, st, prep)
-    return write_summary(cfg, read_rows(results_path), seeds_info, time.perf_counter() - t0)
+    return write_summary(cfg, read_rows(results_path), time.perf_counter() - t0)
