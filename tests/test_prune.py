@@ -319,6 +319,10 @@ def test_budget_block_mask_whole_layer_and_split_bands():
         assert torch.equal(split[rows], PM.topk_block_mask(primary[rows], 5, tie[rows]))
     with pytest.raises(ValueError, match="cannot be split into 3"):
         PM.budget_block_mask(torch.rand(4, 5), 0.25, groups=3)
+    per = PM.budget_block_mask(primary, (0.1, 0.5, 0.0), tie, groups=3)   # one density per band
+    assert [int(per[4 * b:4 * b + 4].sum()) for b in range(3)] == [2, 10, 0]
+    with pytest.raises(ValueError, match="2 densities for 3"):
+        PM.budget_block_mask(primary, (0.1, 0.5), tie, groups=3)
 
 
 @pytest.mark.parametrize("method", ["andc", "magnitude", "random"])
@@ -326,12 +330,14 @@ def test_split_qkv_budget_gives_q_k_and_v_each_the_density(method):
     """``qkv_budget="split"``: every block method keeps the density in each of q, k and v (a fused
     qkv scored as one layer can hand v's budget to q and k: seen on Fashion-MNIST, where ANDC's
     head-wide q/k sets out-score the v rows' node sets and v kept no block); the other layers and
-    the default (fused) are unchanged."""
+    the fused budget are unchanged; split is the default."""
     m = tiny_model()
     sets = random_sets(m)
     spec = dict(density=0.25, block_size=16, classifier=False, seed=0)
-    _, fused = P.prune_model(m, P.PruneSpec(method, **spec), sets)
+    _, fused = P.prune_model(m, P.PruneSpec(method, qkv_budget="fused", **spec), sets)
     _, split = P.prune_model(m, P.PruneSpec(method, qkv_budget="split", **spec), sets)
+    _, default = P.prune_model(m, P.PruneSpec(method, **spec), sets)
+    assert all(torch.equal(default.block_masks[n], bm) for n, bm in split.block_masks.items())
     for name, bm in split.block_masks.items():
         if name.endswith("qkv"):
             bands = bm.reshape(3, -1, bm.shape[1])
@@ -522,6 +528,10 @@ def test_prune_model_tau_gives_every_block_method_andc_per_layer_densities():
     for method in ("magnitude", "random"):
         _, p2 = prune_model(m, PruneSpec(method, block_size=16, tau=0.3), sets)
         assert p2.blocks_kept() == ref, method
+        for name, bm in p2.block_masks.items():   # a split qkv: q, k and v each keep ANDC's count
+            if name.endswith("qkv"):
+                assert [int(b.sum()) for b in bm.chunk(3, 0)] == \
+                       [int(b.sum()) for b in plan.block_masks[name].chunk(3, 0)], (method, name)
         assert int(p2.classifier_mask.sum()) == int(plan.classifier_mask.sum())
     with pytest.raises(ValueError, match="not tau"):
         prune_model(m, PruneSpec("structured-activation", tau=0.3), None, calibration=[torch.randn(4, 1, 8, 8)])

@@ -352,13 +352,16 @@ def test_old_results_csv_and_config_resume_with_the_old_rule(digits_study, tmp_p
         w.writerows(rows)
     cfg_path = os.path.join(out, "study_config.json")
     cfg = json.load(open(cfg_path))
-    for k in ("block_score", "v_sets", "token_sets", "models_from"):
+    for k in ("block_score", "v_sets", "token_sets", "models_from", "qkv_budget"):
         del cfg[k]
     json.dump(cfg, open(cfg_path, "w"))
     assert main(TINY + ["--methods", "all", "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "block_score, v_sets, token_sets" in err[0]
-    old_rule = ["--block-score", "sum", "--v-sets", "head", "--token-sets", "assume-all"]
+    assert len(err) == 1
+    for said in ("block_score: 'sum' there, 'kept-fraction' now", "v_sets: 'head' there, 'node' now",
+                 "token_sets: 'assume-all' there, 'measured' now", "qkv_budget: 'fused' there, 'split' now"):
+        assert said in err[0], err[0]
+    old_rule = ["--block-score", "sum", "--v-sets", "head", "--token-sets", "assume-all", "--qkv-budget", "fused"]
     assert main(TINY + ["--methods", "all", "--out", out] + old_rule) == 0
     after = _rows(out)
     assert [(r["seed"], r["method"], r["model_digest"]) for r in after] == \

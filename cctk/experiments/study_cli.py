@@ -37,9 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-sets", default="measured", choices=("measured", "assume-all"),
                    help="label sets of the stream entering block 0: measured by the study's SNP (default) or "
                         "assume-all (every token channel recognises every label: cctk's first rule)")
-    p.add_argument("--qkv-budget", default="fused", choices=("fused", "split"),
-                   help="every block method's density of a fused qkv layer: over the whole layer (fused, default) "
-                        "or met by q, k and v each (split)")
+    p.add_argument("--qkv-budget", default=None, choices=("fused", "split"),
+                   help="every block method's density of a fused qkv layer: met by q, k and v each (split, "
+                        "default) or over the whole layer (fused; a study that ran with it resumes with it)")
     p.add_argument("--models-from", default=None, metavar="DIR[,DIR...]",
                    help="reuse the trained models of other study directories (the first one's seed{s}/train that "
                         "exists, trained with the same dataset, model, epochs, training pool and validation size); "
@@ -151,10 +151,11 @@ def run(args: argparse.Namespace) -> int:
                       val_size=args.val_size, threshold=args.threshold, readout_epochs=args.readout_epochs,
                       readout_optimizer=args.readout_optimizer, classifier_tolerance=args.classifier_tolerance,
                       checkpoints=_list(args.checkpoints, str, "checkpoints") if args.checkpoints else None,
-                      models_from=_list(args.models_from, str, "models-from") if args.models_from else None, block_score=args.block_score, v_sets=args.v_sets, qkv_budget=args.qkv_budget,
+                      models_from=_list(args.models_from, str, "models-from") if args.models_from else None, block_score=args.block_score, v_sets=args.v_sets,
                       token_sets=args.token_sets, compare_with=args.compare_with, snp_variants=args.snp_variants, bench_batch=args.bench_batch, bench_rounds=args.bench_rounds, workers=args.workers, time_only=args.time_only, retime=args.retime, data_dir=args.data_dir,
                       device=args.device, progress=not args.no_progress,
-                      **({"classifier_scan": ()} if args.dense_classifier else {}))
+                      **({"classifier_scan": ()} if args.dense_classifier else {}),
+                      **({"qkv_budget": args.qkv_budget} if args.qkv_budget else {}))
     if args.anatomy:
         if args.time_only:
             raise ConfigError("--anatomy and --time-only are separate runs: give one of them")

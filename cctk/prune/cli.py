@@ -47,7 +47,7 @@ from cctk.errors import ConfigError
 from cctk.prune.andc import TOKEN_SETS, V_SETS, AndcRule, RecognizedSets, final_stream_means, final_stream_sets
 from cctk.prune.convert import pruned_checkpoint
 from cctk.prune.masks import BLOCK_SCORES
-from cctk.prune.plan import QKV_BUDGETS
+from cctk.prune.plan import DEFAULT_QKV_BUDGET, QKV_BUDGETS
 from cctk.prune.pruner import METHODS, STRUCTURED_METHODS, PruneSpec, method_rule
 from cctk.prune.workflow import data_loaders, prune_and_finetune
 from cctk.train import evaluate, resolve_device
@@ -83,9 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="label sets of the stream entering block 0: measured by `cctk snp` (default; SNP results "
                         "without them are refused) or assume-all (every token channel recognises every label: "
                         "the old assumption)")
-    p.add_argument("--qkv-budget", default="fused", choices=QKV_BUDGETS,
-                   help="a fused qkv layer's density met over the whole layer (fused, default) or by q, k and v "
-                        "each (split: as three layers)")
+    p.add_argument("--qkv-budget", default=DEFAULT_QKV_BUDGET, choices=QKV_BUDGETS,
+                   help="a fused qkv layer's density met by q, k and v each (split, default: as three layers) "
+                        "or over the whole layer (fused: one of them can take the others' blocks)")
     p.add_argument("--order", default="auto", choices=("auto", "dominant", "lexicographic", "identity"),
                    help="node order used to gather kept connections into blocks")
     p.add_argument("--no-classifier", action="store_true", help="leave the classifier dense")

@@ -125,21 +125,25 @@ def topk_block_mask(primary: torch.Tensor, n_keep: int, secondary: Optional[torc
     return mask.view(primary.shape)
 
 
-def budget_block_mask(primary: torch.Tensor, density: float, secondary: Optional[torch.Tensor] = None,
+def budget_block_mask(primary: torch.Tensor, density, secondary: Optional[torch.Tensor] = None,
                       groups: int = 1) -> torch.Tensor:
     """Keep round(density * n) of a layer's blocks by ``primary`` (ties: ``secondary``), the budget
     met separately in each of ``groups`` equal bands of block rows (3 for a fused qkv whose q, k
-    and v each get the density: ``Target.qkv_budget == "split"``); groups=1 is the whole layer."""
+    and v each get the density: ``Target.qkv_budget == "split"``); groups=1 is the whole layer.
+    ``density``: one float for every band, or one per band (e.g. another plan's q, k, v densities)."""
     rows = primary.shape[0]
     if groups < 1 or rows % groups:
         raise ValueError(f"a layer of {rows} block rows cannot be split into {groups} equal budgets "
                          f"(the block size must divide each part's rows)")
+    per_band = [float(density)] * groups if isinstance(density, (int, float)) else [float(d) for d in density]
+    if len(per_band) != groups:
+        raise ValueError(f"{len(per_band)} densities for {groups} budget bands")
     step = rows // groups
     parts = []
-    for g in range(groups):
+    for g, d in enumerate(per_band):
         band = slice(g * step, (g + 1) * step)
         sec = None if secondary is None else secondary[band]
-        parts.append(topk_block_mask(primary[band], num_blocks_to_keep(density, primary[band].numel()), sec))
+        parts.append(topk_block_mask(primary[band], num_blocks_to_keep(d, primary[band].numel()), sec))
     return torch.cat(parts, 0)
 
 

@@ -29,7 +29,7 @@ from cctk.prune.importance import (ActivationNodeImportance, AndcImportance, And
                                    BlockImportance, MagnitudeImportance, NodeImportance, RandomImportance,
                                    SNPNodeImportance, WandaImportance, layer_weight)
 from cctk.prune.masks import block_grid, block_reduce, budget_block_mask, classifier_keep
-from cctk.prune.plan import PrunePlan, Target, apply_masks, encoder_linear_names
+from cctk.prune.plan import DEFAULT_QKV_BUDGET, PrunePlan, Target, apply_masks, encoder_linear_names
 from cctk.prune.structured import remove_nodes
 
 __all__ = ["Method", "METHODS", "ALL_METHODS", "STRUCTURED_METHODS", "PruneSpec", "method_rule", "prune_blocks",
@@ -53,7 +53,7 @@ class PruneSpec:
     classifier: bool = True
     classifier_sets: Optional[torch.Tensor] = None
     seed: int = 0
-    qkv_budget: str = "fused"
+    qkv_budget: str = DEFAULT_QKV_BUDGET
     finetune_epochs: int = 5
     lr: float = 1e-3
     sparse_finetune: bool = False
@@ -257,7 +257,9 @@ def prune_model(model: nn.Module, spec: PruneSpec, sets: Union[RecognizedSets, s
         if sets is None:
             raise ValueError(f"{method.name} with tau needs the SNP label sets (it meets ANDC's per-layer densities)")
         _, ref = prune_blocks(model, AndcImportance(sets, spec.rule, prune_classifier=False), Target(B, tau=spec.tau))
-        density = {n: float(m.float().mean()) for n, m in ref.block_masks.items()}
+        groups = Target(B, qkv_budget=spec.qkv_budget).budget_groups   # (a split qkv: q, k, v each)
+        density = {n: tuple(float(b.float().mean()) for b in m.chunk(groups(n), 0))
+                   for n, m in ref.block_masks.items()}
     cls_sets = spec.classifier_sets if spec.classifier_sets is not None else (sets.final if sets is not None else None)
     n_cls = int(classifier_keep(cls_sets).sum()) if (spec.classifier and cls_sets is not None) else None
     target = Target(B, density, spec.tau if method.uses_rule else None, n_cls, spec.qkv_budget)
@@ -278,11 +280,14 @@ def prune_andc(model: nn.Module, sets, block_size: int = 32, density=0.25, tau: 
 def prune_magnitude(model: nn.Module, block_size: int = 32, density=None,
                     blocks_kept: Optional[Mapping[str, int]] = None, classifier_kept: Optional[int] = None):
     """Block-magnitude baseline on a copy of ``model`` without permutation: ``blocks_kept[name]``
-    blocks (e.g. an ANDC plan's counts) or a ``density`` per encoder linear; the classifier keeps
-    its ``classifier_kept`` largest |W| (None: dense)."""
+    blocks (e.g. an ANDC plan's counts: whole-layer counts, so a fused qkv meets its count over the
+    layer) or a ``density`` per encoder linear (q, k and v each meet it: :data:`DEFAULT_QKV_BUDGET`);
+    the classifier keeps its ``classifier_kept`` largest |W| (None: dense)."""
     if (density is None) == (blocks_kept is None):
         raise ValueError("give exactly one of density and blocks_kept")
+    budget = DEFAULT_QKV_BUDGET
     if blocks_kept is not None:   # the counts as per-layer densities (round(k / n * n) = k)
         density = {n: blocks_kept[n] / math.prod(block_grid(model.get_submodule(n).weight.shape, block_size))
                    for n in encoder_linear_names(model)}
-    return prune_blocks(model, MagnitudeImportance(permute=False), Target(block_size, density, None, classifier_kept))
+        budget = "fused"
+    return prune_blocks(model, MagnitudeImportance(permute=False), Target(block_size, density, None, classifier_kept, budget))

@@ -15,7 +15,7 @@ from cctk.errors import ConfigError
 from cctk.experiments.pipeline import CLASSIFIER_SCAN, DEFAULT_BLOCK_SIZE
 from cctk.prune.andc import TOKEN_SETS, V_SETS, AndcRule
 from cctk.prune.masks import BLOCK_SCORES
-from cctk.prune.plan import QKV_BUDGETS
+from cctk.prune.plan import DEFAULT_QKV_BUDGET, QKV_BUDGETS
 from cctk.prune.pruner import ALL_METHODS, METHODS, method_rule
 from cctk.train import CHECKPOINT_NAME
 
@@ -70,7 +70,7 @@ class StudyConfig:
     snp_variants: bool = False              # also SNP with both readouts x SNP_VARIANT_THRESHOLDS
     # the ANDC rule of the label-set methods (SCIENCE.md 5; the andc-old* methods fix their own)
     block_score: str = "kept-fraction"
-    qkv_budget: str = "fused"               # a fused qkv's density over the layer, or met by q, k, v each
+    qkv_budget: str = DEFAULT_QKV_BUDGET    # a fused qkv's density met by q, k, v each, or over the layer
     v_sets: str = "node"
     token_sets: str = "measured"
     data_dir: Optional[str] = None
@@ -199,8 +199,9 @@ def check_resumable(cfg: StudyConfig, config_path: str) -> None:
     new = cfg.as_dict()
     changed = [k for k in FIXED_KEYS if old.get(k) != new.get(k)]
     if changed:
-        raise ConfigError(f"{cfg.out} holds a study with other settings ({', '.join(changed)}); "
-                          "use another --out or the same options")
+        raise ConfigError(f"{cfg.out} holds a study with other settings ("
+                          + ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in changed)
+                          + "); use another --out or the same options")
 
 
 def block_size(cfg: StudyConfig) -> int:
