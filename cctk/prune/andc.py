@@ -28,6 +28,12 @@ the fraction of a block's connections the rule keeps, ties by L1, the default; `
 overlap counts, cctk's first choice), ``v_sets`` (``node`` / ``head``), ``token_sets``
 (``measured`` / ``assume-all``), the node ``order`` and ``permute``. :data:`OLD_RULE` is cctk's
 first rule (sum, head, assume-all), kept so that an ablation can run it.
+
+SCIENCE.md asks for "a per-layer target density"; the fused qkv is three linear maps in one
+tensor, and cctk gives each of q, k and v the density (:data:`cctk.prune.plan.DEFAULT_QKV_BUDGET`,
+``Target.qkv_budget="split"``). With one budget over the fused tensor (``"fused"``) the q and k
+rows (head sets, nearly all connections kept) out-score the v rows (node sets) and v can lose
+every block: on the Fashion-MNIST study it did, on every seed (docs/FINDINGS.md).
 """
 from __future__ import annotations
 
