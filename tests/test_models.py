@@ -451,3 +451,40 @@ def test_bad_arguments():
         create_model("cct_2_3x1_8", img_size=2, padding=0)
     with pytest.raises(ValueError, match="img_size=8"):
         create_model("cct_2_3x1_8", padding=0)(torch.randn(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_cpu_training_keeps_conv_weights_channels_last_with_the_same_values_and_gradients(in_channels):
+    """``model.train()`` on the CPU makes the tokenizer's conv weights channels-last in place (the
+    same Parameter objects, the same values and state_dict; with one input channel too, where a
+    weight is contiguous in both layouts and only its strides choose the kernel); a training
+    step gives the NCHW model's loss and gradients."""
+    torch.manual_seed(0)
+    m = create_model("cct_2_3x2_32", num_classes=10, img_size=16, in_channels=in_channels).eval()
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    params = [p for p in m.parameters()]
+    old = {n: p.detach().clone() for n, p in m.named_parameters()}
+    nchw = create_model("cct_2_3x2_32", num_classes=10, img_size=16, in_channels=in_channels)
+    nchw.load_state_dict(ref)
+    m.train()
+    convs = [c for c in m.tokenizer.conv_layers.modules() if isinstance(c, nn.Conv2d)]
+    for c in convs:
+        assert c.weight.stride() == torch.empty_like(c.weight, memory_format=torch.channels_last).stride()
+    assert [p for p in m.parameters()] == params and all(a is b for a, b in zip(m.parameters(), params))
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in ref.items())
+    # the NCHW twin: same weights, conv weights left in the default layout (training flags set by hand)
+    for mod in nchw.modules():
+        mod.training = True
+    assert not nchw.tokenizer.conv_layers[0][0].weight.is_contiguous(memory_format=torch.channels_last) \
+        or in_channels == 1
+    x, y = torch.randn(6, in_channels, 16, 16), torch.randint(0, 10, (6,))
+    losses = []
+    for model in (m, nchw):
+        torch.manual_seed(1)   # the same dropout / stochastic-depth draws
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+    for (n, p), (_, q) in zip(m.named_parameters(), nchw.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+        assert torch.equal(p.detach(), old[n])

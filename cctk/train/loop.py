@@ -422,6 +422,7 @@ def _train(config: TrainConfig, ctx: DistContext, on_epoch_end,
     model = setup.model.to(device)
     if ckpt is not None:
         unwrap(model).load_state_dict(ckpt["state_dict"], strict=True)
+    model.train()   # before DDP sees the parameters: the tokenizer sets its training layout here
     if ctx.distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
