@@ -14,7 +14,7 @@ import torch.nn as nn
 from cctk.checkpoint import replace_submodule as _set_submodule
 from cctk.nn import MaskedLinear
 
-__all__ = ["Density", "Target", "QKV_BUDGETS", "DEFAULT_QKV_BUDGET", "Permutations", "PrunePlan", "encoder_linear_names", "apply_masks"]
+__all__ = ["Density", "Target", "QKV_BUDGETS", "DEFAULT_QKV_BUDGET", "budget_groups", "Permutations", "PrunePlan", "encoder_linear_names", "apply_masks"]
 
 #: one density for every layer, or per layer name: a float, or one per budget band (q, k, v of a
 #: split qkv: :meth:`Target.budget_groups`)
@@ -79,7 +79,13 @@ class Target:
 
     def budget_groups(self, name: str) -> int:
         """How many separate budgets the layer ``name``'s density is met in (3: q, k, v of a split qkv)."""
-        return 3 if self.qkv_budget == "split" and name.endswith("self_attn.qkv") else 1
+        return budget_groups(self.qkv_budget, name)
+
+
+def budget_groups(qkv_budget: str, name: str) -> int:
+    """How many separate budgets the encoder linear ``name`` meets its density in under
+    ``qkv_budget``: 3 (q, k, v) for a fused qkv with a split budget, else 1."""
+    return 3 if qkv_budget == "split" and name.endswith("self_attn.qkv") else 1
 
 
 @dataclass

@@ -29,7 +29,7 @@ from cctk.prune.importance import (ActivationNodeImportance, AndcImportance, And
                                    BlockImportance, MagnitudeImportance, NodeImportance, RandomImportance,
                                    SNPNodeImportance, WandaImportance, layer_weight)
 from cctk.prune.masks import block_grid, block_reduce, budget_block_mask, classifier_keep
-from cctk.prune.plan import DEFAULT_QKV_BUDGET, PrunePlan, Target, apply_masks, encoder_linear_names
+from cctk.prune.plan import DEFAULT_QKV_BUDGET, PrunePlan, Target, apply_masks, budget_groups, encoder_linear_names
 from cctk.prune.structured import remove_nodes
 
 __all__ = ["Method", "METHODS", "ALL_METHODS", "STRUCTURED_METHODS", "PruneSpec", "method_rule", "prune_blocks",
@@ -257,8 +257,8 @@ def prune_model(model: nn.Module, spec: PruneSpec, sets: Union[RecognizedSets, s
         if sets is None:
             raise ValueError(f"{method.name} with tau needs the SNP label sets (it meets ANDC's per-layer densities)")
         _, ref = prune_blocks(model, AndcImportance(sets, spec.rule, prune_classifier=False), Target(B, tau=spec.tau))
-        groups = Target(B, qkv_budget=spec.qkv_budget).budget_groups   # (a split qkv: q, k, v each)
-        density = {n: tuple(float(b.float().mean()) for b in m.chunk(groups(n), 0))
+        # (a split qkv: q, k and v each meet ANDC's own count)
+        density = {n: tuple(float(b.float().mean()) for b in m.chunk(budget_groups(spec.qkv_budget, n), 0))
                    for n, m in ref.block_masks.items()}
     cls_sets = spec.classifier_sets if spec.classifier_sets is not None else (sets.final if sets is not None else None)
     n_cls = int(classifier_keep(cls_sets).sum()) if (spec.classifier and cls_sets is not None) else None
