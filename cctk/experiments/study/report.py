@@ -29,7 +29,7 @@ def write_summary(cfg: StudyConfig, rows: List[dict], wall: float) -> Dict[str, 
     if cfg.compare_with is not None:   # the same comparisons in another study (another budget, same models)
         other = load_config(cfg.compare_with)
         stats["between_studies"] = {
-            "other": os.path.abspath(cfg.compare_with), "other_finetune_epochs": other.finetune_epochs,
+            "other": cfg.compare_with, "other_finetune_epochs": other.finetune_epochs,
             "this_finetune_epochs": cfg.finetune_epochs,
             "statistic": "this study's paired difference minus the other's, paired by seed",
             "comparisons": between_studies(rows, read_rows(os.path.join(cfg.compare_with, "results.csv")))}
@@ -70,9 +70,12 @@ def study_markdown(summary: Dict[str, Any]) -> str:
                      f"at least {2 / 2 ** p['n']:.3g} with {p['n']} seeds)") + f", n = {p['n']} seeds.", ""]
     else:
         lines += ["Primary comparison: no paired cells yet.", ""]
-    dense = [v.get("dense_test_accuracy") for v in (summary.get("seeds") or {}).values() if isinstance(v, dict)]
+    # by seed number (seeds.json holds them in the order the seeds finished)
+    seeds = summary.get("seeds") or {}
+    dense = [(int(k), v["dense_test_accuracy"]) for k, v in seeds.items()
+             if isinstance(v, dict) and v.get("dense_test_accuracy") is not None]
     if dense:
-        lines += ["Dense test accuracy per seed: " + ", ".join(pct(a) for a in dense if a is not None) + "%.", ""]
+        lines += ["Dense test accuracy per seed: " + ", ".join(f"{pct(a)}% (seed {s})" for s, a in sorted(dense)) + ".", ""]
     head = "| method | " + " | ".join(f"density {d:g}" for d in densities) + " |"
     sep = "|---|" + "---|" * len(densities)
     lines += ["Test accuracy after fine-tuning, % (mean [95% CI], n seeds):", "", head, sep]
