@@ -14,10 +14,9 @@ beside pytest-benchmark's own rounds. Providers:
   intra-op spinning off), ``cctk.optimize``;
 * ``structured``: a smaller dense model keeping the same fraction of every FF layer's units and
   every head's dims (``cctk.prune.structured.remove_nodes``), run by OpenVINO and by
-  ``cctk.optimize``: what a user could deploy instead of block sparsity;
+  ``cctk.optimize`` (and ``+ compile``): what a user could deploy instead of block sparsity;
 * ``pruned``: every encoder linear an ``ANDCLinear`` holding the kept 32x32 blocks (random masks,
-  seeded): ``cctk eager`` (the module as loaded) and ``cctk.optimize`` (``+ compile`` with
-  ``--bench-full``).
+  seeded): ``cctk eager`` (the module as loaded) and ``cctk.optimize`` (and ``+ compile``).
 
 ``ratio_vs_best_dense``: images/s over the best dense provider's in the same group (OpenVINO,
 ONNX Runtime, torch, torch.compile or cctk.optimize, whichever is fastest). Before timing, every
@@ -50,7 +49,8 @@ ROUNDS = int(os.environ.get("CCTK_BENCH_ROUNDS", "15"))
 DENSE_KINDS = ("torch eager", "torch.compile", "OpenVINO", "OpenVINO int8", "ONNX Runtime", "cctk.optimize")
 PROVIDERS = (
     [("dense", k) for k in DENSE_KINDS]
-    + [("structured", "OpenVINO"), ("structured", "OpenVINO int8"), ("structured", "cctk.optimize")]
+    + [("structured", "OpenVINO"), ("structured", "OpenVINO int8"), ("structured", "cctk.optimize"),
+       ("structured", "cctk.optimize+compile")]
     + [("pruned", "cctk eager"), ("pruned", "cctk.optimize"), ("pruned", "cctk.optimize+compile")]
 )
 FULL_ONLY: set = set()  # every provider runs by default
