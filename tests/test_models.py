@@ -462,7 +462,7 @@ def test_cpu_training_keeps_conv_weights_channels_last_with_the_same_values_and_
     torch.manual_seed(0)
     m = create_model("cct_2_3x2_32", num_classes=10, img_size=16, in_channels=in_channels).eval()
     ref = {k: v.clone() for k, v in m.state_dict().items()}
-    params = [p for p in m.parameters()]
+    params = list(m.parameters())
     old = {n: p.detach().clone() for n, p in m.named_parameters()}
     nchw = create_model("cct_2_3x2_32", num_classes=10, img_size=16, in_channels=in_channels)
     nchw.load_state_dict(ref)
@@ -470,7 +470,8 @@ def test_cpu_training_keeps_conv_weights_channels_last_with_the_same_values_and_
     convs = [c for c in m.tokenizer.conv_layers.modules() if isinstance(c, nn.Conv2d)]
     for c in convs:
         assert c.weight.stride() == torch.empty_like(c.weight, memory_format=torch.channels_last).stride()
-    assert [p for p in m.parameters()] == params and all(a is b for a, b in zip(m.parameters(), params))
+    after = list(m.parameters())
+    assert len(after) == len(params) and all(a is b for a, b in zip(after, params))
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in ref.items())
     # the NCHW twin: same weights, conv weights left in the default layout (training flags set by hand)
     for mod in nchw.modules():
